@@ -1,0 +1,39 @@
+"""The Typer application behind the `mamba` console script."""
+
+from __future__ import annotations
+
+import typer
+
+from . import generate as _generate
+
+app = typer.Typer(
+    name="mamba",
+    help="Run Mamba language models: generate text, evaluate perplexity, convert and benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mamba_core import __version__
+
+        print(f"mamba {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Run Mamba language models: generate text, evaluate perplexity, convert and benchmark."""
+
+
+app.command("generate", epilog=_generate.EXAMPLES)(_generate.generate)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,117 @@
+"""What every command shares: option types, error handling and exit codes, stderr reporting.
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 a CI gate failed, 130 interrupted. stdout carries only the
+result; messages go to stderr, with colour only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import traceback
+import warnings
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from mamba_core.errors import MambaError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", envvar="MAMBA_MODEL", help="Local directory (HF or state-spaces layout), hub id, or 'tiny-wikitext' (embedded)."),
+]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) for a hub id.")]
+TokenizerOpt = Annotated[
+    Optional[str], typer.Option("--tokenizer", help="tokenizer.json, a directory holding one, or a hub id (default: the model's own, else EleutherAI/gpt-neox-20b).")
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="Ops backend: auto, or torch (the plain-torch reference).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load time, token counts and speeds to stderr.")]
+DEFAULT_MODEL = "state-spaces/mamba-130m-hf"
+
+
+def err(message: str) -> None:
+    """One line to stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err(f"Warning: {message}")
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout went away (`| head`): silence further writes, including at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def command(func: Callable) -> Callable:
+    """Wrap a command: errors become one line and an exit code, Ctrl-C exits 130, EPIPE is quiet."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        warnings.showwarning = _show_warning
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MambaError as exc:
+            if os.environ.get("MAMBA_DEBUG") == "1":
+                traceback.print_exc()
+            err(f"Error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            sys.stdout.flush()
+            err("Interrupted.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            _stdout_gone()
+            raise typer.Exit(EXIT_OK) from None
+        except MemoryError:
+            err("Error: out of memory; try a smaller --batch-size, --chunk-size or prompt, or a lower-precision --dtype")
+            raise typer.Exit(EXIT_ERROR) from None
+        except Exception as exc:  # anything unforeseen: one line unless debugging
+            if os.environ.get("MAMBA_DEBUG") == "1":
+                traceback.print_exc()
+            else:
+                err(f"Error: {type(exc).__name__}: {exc} (set MAMBA_DEBUG=1 for a traceback)")
+            raise typer.Exit(EXIT_ERROR) from None
+
+    return wrapper
+
+
+class Stopwatch:
+    """time.perf_counter() differences, for -v reports."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
+
+
+def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str, verbose: bool):
+    """Load model and tokenizer for a command; with -v, say what was loaded and how long it took."""
+    from mamba_core.api import load_tokenizer
+    from mamba_core.loading import load_model
+
+    watch = Stopwatch()
+    loaded = load_model(model, dtype=dtype, device=device, revision=revision, backend=backend)
+    tok = load_tokenizer(loaded, tokenizer)
+    if verbose:
+        m = loaded.model
+        err(
+            f"load: {watch.lap():.2f} s  model {model} ({loaded.layout} layout, {m.num_parameters():,} params) "
+            f"dtype {str(m.dtype).replace('torch.', '')} device {m.device} backend {m.backend}"
+        )
+    return loaded, tok

@@ -1,0 +1,191 @@
+"""The Mamba language model, with Hugging Face's module and parameter names.
+
+Parameter names match `state-spaces/mamba-*-hf` checkpoints exactly (backbone.embeddings.weight,
+backbone.layers.N.norm.weight, backbone.layers.N.mixer.{in_proj,conv1d,x_proj,dt_proj,A_log,D,
+out_proj}, backbone.norm_f.weight, lm_head.weight tied to the embeddings), so their safetensors
+load with no renaming. Shapes: h hidden, d inner (expand * h), n state, r time-step rank, k conv.
+
+Every forward runs over a `MambaCache` when given one, reading it as the past and leaving the
+state after the last token in it, so any split of a prompt into chunks gives the same result
+as the whole prompt at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import MambaCache
+from .config import MambaConfig
+from .ops import get_ops
+
+_KEEP_FP32 = ("A_log", "D")  # parameters that stay float32 whatever the model dtype
+
+
+def _skip_init_on_meta(cls: type) -> type:
+    """A torch layer class that skips random init on the meta device (loading overwrites it).
+
+    Random init on meta tensors costs a second of lazy torch imports and is thrown away anyway.
+    """
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            cls.reset_parameters(self)
+
+    return type(cls.__name__, (cls,), {"reset_parameters": reset_parameters})
+
+
+Linear, Conv1d, Embedding = (_skip_init_on_meta(c) for c in (nn.Linear, nn.Conv1d, nn.Embedding))
+
+
+class MambaRMSNorm(nn.Module):
+    """RMSNorm computed in float32, as transformers' MambaRMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(self.weight.dtype)
+
+
+class MambaMixer(nn.Module):
+    """The selective SSM block: in_proj -> causal conv -> x_proj/dt_proj -> scan -> gate -> out_proj."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        h, d, n = config.hidden_size, config.intermediate_size, config.state_size
+        self.layer_idx = layer_idx
+        self.state_size = n
+        self.time_step_rank = int(config.time_step_rank)
+        self.in_proj = Linear(h, 2 * d, bias=config.use_bias)
+        self.conv1d = Conv1d(d, d, config.conv_kernel, groups=d, padding=config.conv_kernel - 1, bias=config.use_conv_bias)
+        self.x_proj = Linear(d, self.time_step_rank + 2 * n, bias=False)
+        self.dt_proj = Linear(self.time_step_rank, d, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d, n))  # (d, n); S4D-real init A = -(1..n)
+        self.D = nn.Parameter(torch.empty(d))
+        if self.A_log.device.type != "meta":  # (arange on meta costs a second of lazy imports)
+            with torch.no_grad():
+                self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(d, n))
+                self.D.fill_(1.0)
+        self.out_proj = Linear(d, h, bias=config.use_bias)
+        self.ops = get_ops("torch")
+
+    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        """hidden (b, l, h) -> (b, l, h); reads and updates this layer's states in `cache`."""
+        conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
+        ssm_state = cache.ssm_states[self.layer_idx] if cache is not None else None
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
+        x = self.ops.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state)
+        dt, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan in fp32
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        y = self.ops.selective_scan(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
+        return self.out_proj(y)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), the residual kept in fp32 if configured."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = MambaMixer(config, layer_idx)
+
+    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        residual = hidden.float() if self.residual_in_fp32 else hidden
+        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), cache)
+        return residual + out
+
+
+class MambaModel(nn.Module):
+    """Embeddings, the stack of blocks and the final norm: ids (b, l) -> hidden (b, l, h)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embeddings = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MambaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        hidden = self.embeddings(input_ids)  # (b, l, h)
+        for layer in self.layers:
+            hidden = layer(hidden, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.norm_f(hidden)
+
+
+class MambaForCausalLM(nn.Module):
+    """A Mamba language model: `model(ids, cache)` returns next-token logits, float32."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = MambaModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        self.backend = "torch"
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (b, l, vocab) in float32 for ids (b, l), continuing from `cache` if given.
+
+        `logits_to_keep=k` computes the head for the last k positions only (1 for generation).
+        The cache is updated in place to the state after the last token.
+        """
+        hidden = self.backbone(input_ids, cache, logits_to_keep)
+        if cache is not None:
+            cache.seen_tokens += input_ids.shape[1]
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def make_cache(self, batch_size: int = 1) -> MambaCache:
+        """An empty cache on this model's device, conv state in the model dtype, SSM state fp32."""
+        return MambaCache(self.config, batch_size, dtype=self.dtype, device=self.device)
+
+    def set_backend(self, name: str = "auto") -> str:
+        """Choose the ops backend ('auto', 'torch' or a compiled one); returns the name in use."""
+        ops = get_ops(name, self.device)
+        for layer in self.backbone.layers:
+            layer.mixer.ops = ops
+        self.backend = ops.name
+        return self.backend
+
+    def cast_(self, dtype: torch.dtype) -> "MambaForCausalLM":
+        """Cast to `dtype` in place, keeping A_log and D in float32 (better than the reference)."""
+        for name, param in self.named_parameters():
+            target = torch.float32 if name.rsplit(".", 1)[-1] in _KEEP_FP32 else dtype
+            if param.dtype != target:
+                param.data = param.data.to(target)
+        return self
+
+    def num_parameters(self) -> int:
+        """Unique parameter count (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "auto", revision: str | None = None, backend: str = "auto") -> "MambaForCausalLM":
+        """Load a model from a local directory (HF or original layout), a hub id or a short name."""
+        from .loading import load_model
+
+        return load_model(name_or_path, dtype=dtype, device=device, revision=revision, backend=backend).model
+
+    def generate(self, input_ids, **kwargs):
+        """Greedy/sampled continuation of token ids; see `mamba_core.generation.generate_ids`."""
+        from .generation import generate_ids
+
+        return generate_ids(self, input_ids, **kwargs)

@@ -1,0 +1,115 @@
+"""The plain-torch ops: the numerical reference for every compiled backend.
+
+The selective scan (Mamba's recurrence, per channel d and state index n):
+    dt_t  = softplus(delta_t + delta_bias)                       # (b, l, d)
+    h_t   = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t           # (b, d, n)
+    y_t   = <h_t, C_t> + D * u_t, then gated: y_t * silu(z_t)    # (b, l, d)
+It is evaluated in chunks of T tokens. Inside a chunk the linear recurrence h_t = a_t h_{t-1} + b_t
+is solved by a Hillis-Steele doubling scan (log2 T vectorised steps, no Python loop per token),
+which only ever multiplies decays <= 1 and adds, so it is as stable as the sequential loop. Only a
+(b, T, d, n) block exists at a time, never (b, l, d, n) for the whole prompt, and the state h is
+carried between chunks in float32, which is what makes chunked prefill exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_BLOCK_ELEMENTS = 1 << 21  # cap on b * T * d * n per chunk (8 MB per float32 temporary)
+_MAX_CHUNK = 256
+
+
+def scan_chunk_size(batch: int, inner: int, state: int) -> int:
+    """Tokens per scan chunk: the largest power of two whose (b, T, d, n) block fits the cap."""
+    chunk = 1
+    while chunk < _MAX_CHUNK and batch * inner * state * chunk * 2 <= _BLOCK_ELEMENTS:
+        chunk *= 2
+    return chunk
+
+
+class TorchOps:
+    """Reference implementations in plain torch; any device, any dtype (float32 math inside)."""
+
+    name = "torch"
+
+    def causal_conv1d(
+        self,
+        x: torch.Tensor,  # (b, l, d)
+        weight: torch.Tensor,  # (d, k)
+        bias: torch.Tensor | None,  # (d,)
+        conv_state: torch.Tensor | None,  # (b, d, k), updated in place: last k inputs
+    ) -> torch.Tensor:
+        """Depthwise causal conv over the chunk x, continuing from conv_state, then SiLU."""
+        batch, length, inner = x.shape
+        kernel = weight.shape[1]
+        if conv_state is None:
+            past = x.new_zeros(batch, kernel - 1, inner)
+        else:
+            past = conv_state[:, :, 1:].transpose(1, 2).to(x.dtype)  # (b, k-1, d)
+        padded = torch.cat([past, x], dim=1).float()  # (b, l+k-1, d)
+        w = weight.float().t()  # (k, d)
+        y = padded[:, 0:length] * w[0]
+        for j in range(1, kernel):
+            y = y + padded[:, j : j + length] * w[j]
+        if bias is not None:
+            y = y + bias.float()
+        if conv_state is not None:
+            conv_state.copy_(padded[:, -kernel:].transpose(1, 2))
+        return F.silu(y).to(x.dtype)
+
+    def selective_scan(
+        self,
+        u: torch.Tensor,  # (b, l, d)
+        delta: torch.Tensor,  # (b, l, d), before bias and softplus
+        A: torch.Tensor,  # (d, n), float32, negative
+        B: torch.Tensor,  # (b, l, n)
+        C: torch.Tensor,  # (b, l, n)
+        D: torch.Tensor | None,  # (d,)
+        z: torch.Tensor | None,  # (b, l, d) gate
+        delta_bias: torch.Tensor | None,  # (d,)
+        ssm_state: torch.Tensor | None,  # (b, d, n) float32, read as h_0 and overwritten with h_l
+    ) -> torch.Tensor:
+        """Run the selective scan over a chunk of tokens; returns y (b, l, d) in u's dtype."""
+        batch, length, inner = u.shape
+        state_size = A.shape[1]
+        uf = u.float()
+        dt = delta.float()
+        if delta_bias is not None:
+            dt = dt + delta_bias.float()
+        dt = F.softplus(dt)  # (b, l, d)
+        dtu = dt * uf  # (b, l, d)
+        A = A.float()
+        h = uf.new_zeros(batch, inner, state_size) if ssm_state is None else ssm_state.float()  # (b, d, n)
+        chunk = scan_chunk_size(batch, inner, state_size)
+        outputs = []
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            a = torch.exp(dt[:, start:end, :, None] * A)  # (b, T, d, n) per-step decay
+            hs = dtu[:, start:end, :, None] * B[:, start:end, None, :].float()  # (b, T, d, n) input
+            _linear_scan_(a, hs)  # hs[t] = sum_s<=t (prod a) * input; a[t] = prod_{s<=t} a[s]
+            hs.add_(a * h[:, None])  # add the carried state's contribution
+            outputs.append(torch.einsum("btdn,btn->btd", hs, C[:, start:end].float()))
+            h = hs[:, -1]
+        y = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (b, l, d)
+        if D is not None:
+            y = y + uf * D.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+        if ssm_state is not None:
+            ssm_state.copy_(h)
+        return y.to(u.dtype)
+
+
+def _linear_scan_(a: torch.Tensor, b: torch.Tensor) -> None:
+    """In place along dim 1: b[t] <- a[t] b[t-1] + b[t] (from b[-1] = 0), a[t] <- a[0] ... a[t].
+
+    Hillis-Steele doubling: after the step with offset s, position t has combined the 2s
+    positions ending at t. log2(T) steps, each a few vectorised ops over (b, T, d, n).
+    """
+    length = a.shape[1]
+    offset = 1
+    while offset < length:
+        b[:, offset:] += a[:, offset:] * b[:, :-offset]
+        a[:, offset:] = a[:, offset:] * a[:, :-offset]
+        offset *= 2

@@ -1,0 +1,80 @@
+"""Choosing the next token from logits: penalties, top-k, top-p, min-p, temperature.
+
+The order is llama.cpp's sampler chain (its defaults are ours too): repetition penalty over the
+last `repeat_last_n` tokens, then top-k, top-p and min-p on the untempered distribution, then
+temperature, then a draw from a seeded `torch.Generator` (reproducible on CPU for a given seed).
+Temperature 0 is greedy (argmax). Ids at or above the tokenizer's vocabulary size (embedding
+padding rows) are never chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from .errors import MambaUsageError
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to pick tokens. Defaults are llama.cpp's; temperature 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40  # 0 disables
+    top_p: float = 0.95  # 1.0 disables
+    min_p: float = 0.05  # 0.0 disables
+    repeat_penalty: float = 1.0  # 1.0 disables
+    repeat_last_n: int = 64
+    seed: int | None = None  # None: a random seed, reported back in `seed_used`
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise MambaUsageError(f"--temp must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise MambaUsageError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise MambaUsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise MambaUsageError(f"--min-p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise MambaUsageError(f"--repeat-penalty must be > 0 (1 disables it), got {self.repeat_penalty}")
+        self.seed_used = self.seed if self.seed is not None else random.randrange(2**31)
+
+
+class Sampler:
+    """Stateful sampler for one generation: owns the random generator and the vocabulary limit."""
+
+    def __init__(self, params: SamplingParams, vocab_limit: int, device: torch.device):
+        self.params = params
+        self.vocab_limit = vocab_limit
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed_used)
+
+    def __call__(self, logits: torch.Tensor, history: list[list[int]] | None = None) -> torch.Tensor:
+        """logits (b, vocab) float32 -> next ids (b,). `history`: each row's ids so far."""
+        p = self.params
+        logits = logits[:, : self.vocab_limit].clone()
+        if p.repeat_penalty != 1.0 and history:
+            for row, ids in enumerate(history):
+                recent = torch.tensor(sorted(set(ids[-p.repeat_last_n :])), dtype=torch.long, device=logits.device)
+                recent = recent[recent < self.vocab_limit]
+                values = logits[row, recent]
+                logits[row, recent] = torch.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
+        if p.temperature == 0:
+            return logits.argmax(dim=-1)
+        if 0 < p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]  # (b, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p.top_p  # mass before this token already >= p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        if p.min_p > 0.0:
+            probs = logits.softmax(dim=-1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        probs = (logits / p.temperature).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
