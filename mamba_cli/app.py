@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import eval_ppl as _eval_ppl
 from . import generate as _generate
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ def _root(
 
 
 app.command("generate", epilog=_generate.EXAMPLES)(_generate.generate)
+app.command("eval-ppl", epilog=_eval_ppl.EXAMPLES)(_eval_ppl.eval_ppl)
 
 
 def main() -> None:

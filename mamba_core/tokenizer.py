@@ -35,6 +35,33 @@ class Tokenizer:
         """Token ids of `text`, special tokens added only if the tokenizer's post-processor does."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_document(self, text: str, add_special_tokens: bool = False, block_chars: int = 1 << 16) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Ids (n,) and character spans (n, 2) of a long text, as compact tensors.
+
+        The text is encoded in blocks of about `block_chars` characters, cut only after a newline
+        followed by a non-space character, where byte-level BPE pre-tokenizers always split, so
+        the ids equal a single encode (checked on WikiText-2 for both shipped tokenizers) while
+        the tokenizer's temporary memory stays bounded however long the text is.
+        """
+        import re
+
+        import torch
+
+        cut = re.compile(r"\n(?=\S)")
+        ids, spans, pos = [], [], 0
+        while pos < len(text) or not ids:
+            end = min(pos + block_chars, len(text))
+            if end < len(text):
+                match = cut.search(text, end)
+                end = match.end() if match else len(text)
+            encoding = self._tok.encode(text[pos:end], add_special_tokens=add_special_tokens and pos == 0)
+            ids.append(torch.tensor(encoding.ids, dtype=torch.int64))
+            spans.append(torch.tensor(encoding.offsets, dtype=torch.int64).reshape(-1, 2) + pos)
+            pos = end
+            if pos >= len(text):
+                break
+        return torch.cat(ids), torch.cat(spans)
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Encode many texts at once (parallel inside `tokenizers`)."""
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
