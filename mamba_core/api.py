@@ -13,7 +13,10 @@ def load_tokenizer(loaded: LoadedModel, override: str | None = None) -> Tokenize
     would index past the embedding table.
     """
     config = loaded.model.config
-    tokenizer = Tokenizer(find_tokenizer(loaded.path, override), config.bos_token_id, config.eos_token_id)
+    if loaded.tokenizer_json is not None and override is None:  # embedded in a GGUF file
+        tokenizer = Tokenizer(loaded.path, config.bos_token_id, config.eos_token_id, json_text=loaded.tokenizer_json)
+    else:
+        tokenizer = Tokenizer(find_tokenizer(loaded.path, override), config.bos_token_id, config.eos_token_id)
     if tokenizer.vocab_size > config.vocab_size:
         from .errors import MambaError
 

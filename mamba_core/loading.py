@@ -37,7 +37,8 @@ class LoadedModel:
     path: Path  # the local directory the files were read from
     name: str  # what the user asked for
     revision: str | None
-    layout: str  # "hf" or "original"
+    layout: str  # "hf", "original" or "gguf"
+    tokenizer_json: str | None = None  # the tokenizer embedded in a GGUF file
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -225,6 +226,13 @@ def load_model(
     """Resolve `name`, read its config and weights, and return the model ready to run."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if name.endswith(".gguf") and Path(name).is_file():
+        from .gguf_io import read_gguf
+
+        config, state, tokenizer_json = read_gguf(Path(name))
+        model = build_model(config, state, torch_dtype, dev, Path(name))
+        model.set_backend(backend)
+        return LoadedModel(model=model, path=Path(name), name=name, revision=None, layout="gguf", tokenizer_json=tokenizer_json)
     path = resolve_model_dir(name, revision)
     config = MambaConfig.from_file(path / "config.json")
     state = read_state_dict(path)

@@ -14,12 +14,13 @@ from .errors import MambaError
 class Tokenizer:
     """Encode/decode text, and know the special ids generation and evaluation need."""
 
-    def __init__(self, path: str | Path, bos_token_id: int | None = None, eos_token_id: int | None = None):
+    def __init__(self, path: str | Path, bos_token_id: int | None = None, eos_token_id: int | None = None, json_text: str | None = None):
+        """Read `path` (a tokenizer.json), or `json_text` (its content, e.g. from a GGUF file)."""
         from tokenizers import Tokenizer as _HFTokenizer
 
         self.path = Path(path)
         try:
-            self._tok = _HFTokenizer.from_file(str(self.path))
+            self._tok = _HFTokenizer.from_str(json_text) if json_text is not None else _HFTokenizer.from_file(str(self.path))
         except FileNotFoundError:
             raise MambaError(f"tokenizer {self.path} does not exist; pass --tokenizer PATH_OR_ID") from None
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
