@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import bench as _bench
 from . import convert as _convert
 from . import eval_ppl as _eval_ppl
 from . import generate as _generate
@@ -36,6 +37,7 @@ def _root(
 app.command("generate", epilog=_generate.EXAMPLES)(_generate.generate)
 app.command("eval-ppl", epilog=_eval_ppl.EXAMPLES)(_eval_ppl.eval_ppl)
 app.command("convert", epilog=_convert.EXAMPLES)(_convert.convert)
+app.command("bench", epilog=_bench.EXAMPLES)(_bench.bench)
 
 
 def main() -> None:

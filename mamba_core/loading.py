@@ -200,7 +200,8 @@ def check_state_dict(model: MambaForCausalLM, state: dict[str, torch.Tensor], so
 def build_model(config: MambaConfig, state: dict[str, torch.Tensor] | None, dtype: torch.dtype, device: torch.device, source: Path) -> MambaForCausalLM:
     """A model whose parameters are the given tensors (cast/moved once), or random if state is None."""
     if state is None:
-        model = MambaForCausalLM(config)
+        with torch.device(device):  # random init straight on the target device
+            model = MambaForCausalLM(config)
     else:
         with torch.device("meta"):
             model = MambaForCausalLM(config)
@@ -222,8 +223,13 @@ def load_model(
     device: str | torch.device = "auto",
     revision: str | None = None,
     backend: str = "auto",
+    random_if_no_weights: bool = False,
 ) -> LoadedModel:
-    """Resolve `name`, read its config and weights, and return the model ready to run."""
+    """Resolve `name`, read its config and weights, and return the model ready to run.
+
+    With `random_if_no_weights`, a directory holding only a config.json gives a model with
+    seeded random weights (layout "random"): right for speed measurements, useless for text.
+    """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if name.endswith(".gguf") and Path(name).is_file():
@@ -233,9 +239,14 @@ def load_model(
         model = build_model(config, state, torch_dtype, dev, Path(name))
         model.set_backend(backend)
         return LoadedModel(model=model, path=Path(name), name=name, revision=None, layout="gguf", tokenizer_json=tokenizer_json)
-    path = resolve_model_dir(name, revision)
+    path = resolve_model_dir(name, revision, allow_config_only=random_if_no_weights)
     config = MambaConfig.from_file(path / "config.json")
-    state = read_state_dict(path)
-    model = build_model(config, state, torch_dtype, dev, path)
+    layout = detect_layout(path)
+    if layout == "none" and random_if_no_weights:
+        torch.manual_seed(0)
+        model = build_model(config, None, torch_dtype, dev, path)
+        layout = "random"
+    else:
+        model = build_model(config, read_state_dict(path), torch_dtype, dev, path)
     model.set_backend(backend)
-    return LoadedModel(model=model, path=path, name=name, revision=revision, layout=detect_layout(path))
+    return LoadedModel(model=model, path=path, name=name, revision=revision, layout=layout)
