@@ -14,13 +14,22 @@ the reference every other backend is tested against, and the fallback everywhere
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
-from ..errors import MambaUsageError
+from ..errors import MambaError, MambaUsageError
 from .reference import TorchOps
 
+
+def _cpu_kernels(device: object) -> object:
+    from ..kernels import cpu_backend
+
+    return cpu_backend(device)
+
+
 # name -> factory(device) returning an ops object, or raising RuntimeError saying why it cannot run.
-_BACKENDS: dict[str, Callable[[object], object]] = {"torch": lambda device: TorchOps()}
+_BACKENDS: dict[str, Callable[[object], object]] = {"torch": lambda device: TorchOps(), "cpu-kernels": _cpu_kernels}
+_WARNED: set[str] = set()
 
 
 def register_backend(name: str, factory: Callable[[object], object]) -> None:
@@ -36,11 +45,20 @@ def available_backends() -> list[str]:
 def get_ops(name: str = "auto", device: object = "cpu") -> object:
     """Return the ops object for `name` on `device`; 'auto' picks the fastest that can run."""
     if name == "auto":
-        for candidate in [n for n in _BACKENDS if n != "torch"] + ["torch"]:
+        reasons = []
+        for candidate in [n for n in _BACKENDS if n != "torch"]:
             try:
                 return _BACKENDS[candidate](device)
-            except RuntimeError:
-                continue
+            except RuntimeError as exc:
+                reasons.append(f"{candidate}: {exc}")
+        message = "using the plain-torch ops (slower): " + "; ".join(r for r in reasons if "only" not in r)
+        if reasons and message not in _WARNED and any("only" not in r for r in reasons):
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=2)
+        return TorchOps()
     if name not in _BACKENDS:
         raise MambaUsageError(f"--backend {name!r} is unknown; choose one of: auto, {', '.join(available_backends())}")
-    return _BACKENDS[name](device)
+    try:
+        return _BACKENDS[name](device)
+    except RuntimeError as exc:
+        raise MambaError(f"--backend {name} cannot run here: {exc}") from None
