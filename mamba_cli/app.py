@@ -8,6 +8,7 @@ from . import bench as _bench
 from . import convert as _convert
 from . import eval_ppl as _eval_ppl
 from . import generate as _generate
+from . import kernels as _kernels
 
 app = typer.Typer(
     name="mamba",
@@ -38,6 +39,7 @@ app.command("generate", epilog=_generate.EXAMPLES)(_generate.generate)
 app.command("eval-ppl", epilog=_eval_ppl.EXAMPLES)(_eval_ppl.eval_ppl)
 app.command("convert", epilog=_convert.EXAMPLES)(_convert.convert)
 app.command("bench", epilog=_bench.EXAMPLES)(_bench.bench)
+app.add_typer(_kernels.app, name="kernels")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from mamba_core.errors import MambaError
+from mamba_core.errors import MambaError, MambaUsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -105,6 +105,13 @@ def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str,
     from mamba_core.api import load_tokenizer
     from mamba_core.loading import load_model
 
+    threads = os.environ.get("MAMBA_NUM_THREADS")
+    if threads:
+        import torch
+
+        if not threads.isdigit() or int(threads) < 1:
+            raise MambaUsageError(f"MAMBA_NUM_THREADS={threads!r} must be a positive integer")
+        torch.set_num_threads(int(threads))
     watch = Stopwatch()
     loaded = load_model(model, dtype=dtype, device=device, revision=revision, backend=backend)
     tok = load_tokenizer(loaded, tokenizer)

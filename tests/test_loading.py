@@ -19,7 +19,7 @@ IDS = torch.randint(0, 2045, (1, 64), generator=torch.Generator().manual_seed(0)
 
 
 def test_original_layout_gives_the_same_logits(tiny):
-    orig = load_model(str(ORIG_DIR), dtype="float32", device="cpu")
+    orig = load_model(str(ORIG_DIR), dtype="float32", device="cpu", backend="torch")
     assert orig.layout == "original" and orig.model.config.vocab_size == 2048  # 2045 padded to 8
     assert torch.equal(orig.model(IDS), tiny.model(IDS))
 
@@ -34,7 +34,7 @@ def test_sharded_safetensors(tmp_path, tiny):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     shutil.copy(HF_DIR / "config.json", tmp_path)
     shutil.copy(HF_DIR / "tokenizer.json", tmp_path)
-    assert torch.equal(load_model(str(tmp_path), device="cpu").model(IDS), tiny.model(IDS))
+    assert torch.equal(load_model(str(tmp_path), device="cpu", backend="torch").model(IDS), tiny.model(IDS))
 
 
 def _fake_hub_cache(root, repo="state-spaces/tiny-wikitext-hf", commit="0123456789abcdef0123456789abcdef01234567"):

@@ -1,0 +1,83 @@
+"""The compiled CPU kernels against the torch reference, in the model, and the no-compiler fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_err, run_cli
+from mamba_core.kernels import cpu_backend
+from mamba_core.loading import load_model
+from mamba_core.ops.reference import TorchOps
+from test_cache import _sequential_scan
+
+kernels = cpu_backend("cpu")
+
+
+def _inputs(b, length, d, n, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    xz = torch.randn(b, length, 2 * d, generator=g, dtype=torch.float64)
+    u, z = xz.chunk(2, dim=-1)  # strided views, as the model passes them
+    delta = torch.randn(b, length, d, generator=g, dtype=torch.float64)
+    bc = torch.randn(b, length, 3 + 2 * n, generator=g, dtype=torch.float64)
+    B, C = bc[..., 3 : 3 + n], bc[..., 3 + n :]
+    A = -torch.rand(d, n, generator=g, dtype=torch.float64) * 8
+    D, bias = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    h0 = torch.randn(b, d, n, generator=g, dtype=torch.float64)
+    return u, delta, A, B, C, D, z, bias, h0
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 4097])
+@pytest.mark.parametrize("initial_state", [False, True])
+@pytest.mark.parametrize("shape", [(1, 40, 16), (3, 33, 5)])
+def test_scan_kernel_matches_float64_reference(length, initial_state, shape):
+    b, d, n = shape
+    u, delta, A, B, C, D, z, bias, h0 = _inputs(b, length, d, n, seed=length)
+    if not initial_state:
+        h0 = torch.zeros_like(h0)
+    y_ref, h_ref = _sequential_scan(u, delta, A, B, C, D, z, bias, h0)
+    f = lambda t: t.float()  # noqa: E731
+    xz32 = torch.cat([u, z], dim=-1).float()
+    u32, z32 = xz32.chunk(2, dim=-1)
+    state = h0.float().clone()
+    y = kernels.selective_scan(u32, f(delta), f(A), f(B), f(C), f(D), z32, f(bias), state)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(state, h_ref) <= 1e-5
+
+
+def test_scan_kernel_bfloat16():
+    u, delta, A, B, C, D, z, bias, h0 = _inputs(2, 300, 48, 16, seed=9)
+    y_ref, _ = _sequential_scan(u, delta, A, B, C, D, z, bias, h0)
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    state = h0.float().clone()
+    y = kernels.selective_scan(bf(u), bf(delta), A.float(), bf(B), bf(C), D.float(), bf(z), bias.float(), state)
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), y_ref) <= 1e-2
+
+
+@pytest.mark.parametrize("kernel", [2, 3, 4])
+def test_conv_kernel_matches_reference_and_continues(kernel):
+    g = torch.Generator().manual_seed(kernel)
+    x = torch.randn(2, 50, 2 * 37, generator=g)[..., :37]  # a strided view
+    w, bias = torch.randn(37, kernel, generator=g), torch.randn(37, generator=g)
+    state_ref, state = torch.randn(2, 37, kernel, generator=g), None
+    state = state_ref.clone()
+    expected = TorchOps().causal_conv1d(x, w, bias, state_ref)
+    got = torch.cat([kernels.causal_conv1d(x[:, a:e], w, bias, state) for a, e in ((0, 1), (1, 20), (20, 50))], dim=1)
+    assert rel_err(got, expected) <= 1e-6 and torch.equal(state, state_ref)
+
+
+def test_model_with_kernels_matches_torch_path(tiny, tiny_tokenizer):
+    fast = load_model("tiny-wikitext", backend="cpu-kernels").model
+    assert fast.backend == "cpu-kernels"
+    ids = torch.randint(0, 2045, (2, 300), generator=torch.Generator().manual_seed(0))
+    assert rel_err(fast(ids), tiny.model(ids)) <= 1e-5
+    prompt = torch.tensor([tiny_tokenizer.encode("The game was")])
+    assert torch.equal(fast.generate(prompt, max_new_tokens=40), tiny.model.generate(prompt, max_new_tokens=40))
+
+
+def test_failed_build_falls_back_with_one_warning():
+    out = run_cli("generate", "-m", "tiny-wikitext", "--temp", "0", "-n", "8", "-v", "The game was", env={"MAMBA_DISABLE_KERNELS": "1"})
+    assert out.returncode == 0 and out.stdout.decode().startswith(" also a member of the city")
+    err = out.stderr.decode()
+    warnings = [line for line in err.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1 and "plain-torch" in warnings[0] and "MAMBA_DISABLE_KERNELS" in warnings[0]
+    assert "backend torch" in err
