@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 
-def build(config_path: Path, dtype: torch.dtype):
+def build(config_path: Path, dtype: torch.dtype, backend: str = "auto"):
     """Both models with identical seeded random weights."""
     import transformers
 
@@ -35,16 +35,26 @@ def build(config_path: Path, dtype: torch.dtype):
     theirs = transformers.MambaForCausalLM(transformers.MambaConfig(**{k: v for k, v in data.items() if k != "d_inner"})).eval()
     state = {k: v.clone() for k, v in theirs.state_dict().items()}
     ours = build_model(MambaConfig.from_dict(data), state, dtype, torch.device("cpu"), config_path)
+    ours.set_backend(backend)
     theirs.to(dtype)
     return theirs, ours
 
 
-def check_logits(theirs, ours, vocab: int) -> float:
+def check_logits(theirs, ours, vocab: int) -> tuple[float, float]:
+    """Errors of ours and of transformers' own (same dtype) against transformers in float64.
+
+    Random deep models are ill-conditioned (transformers' float32 differs from its float64 by
+    ~1e-4 on the 130m shape), so we require ours to be as close to the float64 referee as theirs.
+    """
+    import copy
+
     ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = theirs(ids).logits.float()
+        exact = copy.deepcopy(theirs).double()(ids).logits
     got = ours(ids)
-    return ((got - ref).abs().max() / ref.abs().max()).item()
+    scale = exact.abs().max()
+    return ((got - exact).abs().max() / scale).item(), ((ref - exact).abs().max() / scale).item()
 
 
 def time_theirs(model, test: str, batch: int, vocab: int) -> float:
@@ -88,17 +98,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("-t", "--threads", type=int, default=0)
+    parser.add_argument("--backend", default="auto", help="our ops backend (auto, torch, cpu-kernels)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    theirs, ours = build(args.config, dtype)
+    theirs, ours = build(args.config, dtype, args.backend)
     vocab = ours.config.vocab_size
-    err = check_logits(theirs, ours, vocab)
-    print(f"logits agree: max |diff| / max |logit| = {err:.2e}", file=sys.stderr)
-    if err > (1e-4 if dtype == torch.float32 else 5e-2):
-        sys.exit("logits disagree; not timing")
-    print("| test | batch | dtype | transformers t/s | ours t/s | ours / transformers |")
+    ours_err, theirs_err = check_logits(theirs, ours, vocab)
+    print(f"logits vs transformers in float64: ours {ours_err:.2e}, transformers' own {theirs_err:.2e} (max |diff| / max |logit|)", file=sys.stderr)
+    if ours_err > 2 * theirs_err + 1e-5:
+        sys.exit("our logits are further from the float64 reference than transformers'; not timing")
+    print(f"| test | batch | dtype | transformers t/s | ours ({ours.backend}) t/s | ours / transformers |")
     print("|---|---:|---|---:|---:|---:|")
     for batch in [int(b) for b in args.batch.split(",")]:
         for test in args.tests.split(","):

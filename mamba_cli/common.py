@@ -75,17 +75,30 @@ def command(func: Callable) -> Callable:
         except BrokenPipeError:
             _stdout_gone()
             raise typer.Exit(EXIT_OK) from None
-        except MemoryError:
-            err("Error: out of memory; try a smaller --batch-size, --chunk-size or prompt, or a lower-precision --dtype")
-            raise typer.Exit(EXIT_ERROR) from None
-        except Exception as exc:  # anything unforeseen: one line unless debugging
+        except Exception as exc:  # out of memory, or anything unforeseen: one line unless debugging
             if os.environ.get("MAMBA_DEBUG") == "1":
                 traceback.print_exc()
+            elif _is_out_of_memory(exc):
+                err(f"Error: out of memory{_allocation(exc)}; try a smaller --batch-size or --chunk-size, a shorter prompt, or a lower-precision --dtype")
             else:
-                err(f"Error: {type(exc).__name__}: {exc} (set MAMBA_DEBUG=1 for a traceback)")
+                first = (str(exc).strip().splitlines() or [""])[0]
+                err(f"Error: {type(exc).__name__}: {first} (set MAMBA_DEBUG=1 for a traceback)")
             raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def _allocation(exc: BaseException) -> str:
+    """' (tried to allocate 20.00 GiB ...)' from torch's OOM message, when it says."""
+    import re
+
+    match = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B|\d+ bytes)", str(exc))
+    return f" (tried to allocate {match.group(1)})" if match else ""
 
 
 class Stopwatch:

@@ -24,6 +24,12 @@ def _report(build: bool) -> list[dict]:
         rows.append({"backend": "cpu-kernels", "device": "cpu", "status": "built", "path": getattr(module, "__file__", None), "reason": None})
     except RuntimeError as exc:
         rows.append({"backend": "cpu-kernels", "device": "cpu", "status": "unavailable", "path": None, "reason": str(exc)})
+    try:
+        module = kernels.load_cuda(build=build)
+        rows.append({"backend": "cuda-kernels", "device": f"cuda ({torch.cuda.get_device_name()})", "status": "built",
+                     "path": getattr(module, "__file__", None), "reason": None})
+    except RuntimeError as exc:
+        rows.append({"backend": "cuda-kernels", "device": "cuda", "status": "unavailable", "path": None, "reason": str(exc)})
     rows.append({"backend": "torch", "device": "cpu" + (", cuda" if torch.cuda.is_available() else ""), "status": "always", "path": None,
                  "reason": "the plain-torch reference (used when no compiled backend can run)"})
     return rows

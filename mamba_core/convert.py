@@ -167,6 +167,8 @@ def convert(
         if diff is not None:
             report(f"verify: max |logit difference| {diff:.3g} against the source on a 48-token probe")
         _move_into_place(target, out, force)
+    except OSError as exc:  # disk full, read-only or vanished directory: nothing partial remains
+        raise MambaError(f"cannot write {out}: {exc.strerror or exc}; nothing was written") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return diff

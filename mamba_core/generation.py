@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from .cuda_graph import decoder_for
 from .errors import MambaUsageError
 from .model import MambaForCausalLM
 from .sampling import Sampler, SamplingParams
@@ -160,19 +161,20 @@ class Generation:
         started = time.perf_counter()
         cache = model.make_cache(len(results))
         logits = self._prefill(cache)
+        step = decoder_for(model, cache)  # a captured CUDA graph on GPUs
         history = [list(r.prompt_ids) for r in results] if self.sampling.repeat_penalty != 1.0 else None
         tokens = sampler(logits, history)
         self.timings.prefill_s = time.perf_counter() - started
         started = time.perf_counter()
-        for step in range(self.max_new_tokens):
+        for index in range(self.max_new_tokens):
             ids = tokens.tolist()  # the one host sync per step: the ids we must print
             for row, token in enumerate(ids):
                 if not active[row]:
                     continue
-                yield from self._advance(row, token, texts[row], step, active)
+                yield from self._advance(row, token, texts[row], index, active)
             if not any(active):
                 break
-            logits = model(tokens[:, None], cache, logits_to_keep=1)[:, -1]
+            logits = step(tokens)
             if history is not None:
                 for row, token in enumerate(ids):
                     history[row].append(token)

@@ -1,9 +1,10 @@
 """Compiled kernels: built for this machine on first use (torch's C++ extension machinery), cached.
 
-The CPU kernels in csrc/cpu/ are compiled with -O3 -march=native the first time they are needed
-(about a minute), into a cache directory keyed by the source, the torch version and the CPU, and
-loaded from there afterwards. They are never required: when there is no compiler, no ninja, or
-no source checkout, the plain-torch ops run and one warning line says why.
+The CPU kernels in csrc/cpu/ are compiled with -O3 -march=native, the CUDA kernels in csrc/cuda/
+for the compute capability of the GPU present only (e.g. sm_90), the first time they are needed,
+into a cache directory keyed by the sources, the torch version and the CPU or GPU, and loaded from
+there afterwards. They are never required: when there is no compiler, no ninja, no CUDA, or no
+source checkout, the plain-torch ops run and one warning line says why.
 """
 
 from __future__ import annotations
@@ -36,56 +37,78 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _build_name(sources: list[Path]) -> str:
+def _build_name(kind: str, sources: list[Path], target: str) -> str:
     digest = hashlib.sha256()
     for source in sources:
         digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(_cpu_signature().encode())
-    return "mamba_cpu_" + digest.hexdigest()[:12]
+    digest.update(target.encode())
+    return f"mamba_{kind}_" + digest.hexdigest()[:12]
+
+
+def _cached(kind: str, loader, build: bool):
+    """Load (and remember) a kernel module, or remember and re-raise why it cannot be loaded."""
+    if kind not in _CACHE:
+        try:
+            _CACHE[kind] = loader(build)
+        except RuntimeError as exc:
+            _CACHE[kind] = exc
+    result = _CACHE[kind]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def load_cpu(build: bool = True):
     """The compiled CPU module; builds it if needed (and allowed). Raises RuntimeError with the reason."""
-    if "cpu" in _CACHE:
-        result = _CACHE["cpu"]
-        if isinstance(result, Exception):
-            raise result
-        return result
-    try:
-        _CACHE["cpu"] = _load_cpu(build)
-    except RuntimeError as exc:
-        _CACHE["cpu"] = exc
-        raise
-    return _CACHE["cpu"]
+    return _cached("cpu", lambda b: _compile("cpu", [CSRC / "cpu" / "mamba_cpu.cpp"], _cpu_signature(), b,
+                                             {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast"]}), build)
 
 
-def _load_cpu(build: bool):
+def load_cuda(build: bool = True):
+    """The compiled CUDA module for the current GPU's architecture only. RuntimeError says why not."""
+
+    def loader(b: bool):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        if torch.version.cuda is None:
+            raise RuntimeError("this torch build has no CUDA support")
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # build for this GPU only: fast
+        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh"]
+        return _compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda}", b,
+                        {"extra_cuda_cflags": ["-O3", "-std=c++17"], "extra_cflags": ["-O3"]})
+
+    return _cached("cuda", loader, build)
+
+
+def _compile(kind: str, sources: list[Path], target: str, build: bool, flags: dict):
+    """Build (or load the cached build of) `sources` with torch's extension machinery."""
     if os.environ.get("MAMBA_DISABLE_KERNELS") == "1":
         raise RuntimeError("compiled kernels disabled by MAMBA_DISABLE_KERNELS=1")
-    sources = [CSRC / "cpu" / "mamba_cpu.cpp"]
     if not all(s.is_file() for s in sources):
         raise RuntimeError(f"kernel sources not found in {CSRC} (install from a source checkout to build them)")
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed, so kernels cannot be built (pip install ninja)")
-    name = _build_name(sources)
+    name = _build_name(kind, sources, target)
     directory = cache_dir() / name
     built = any(directory.glob(f"{name}*.so"))
     if not built and not build:
-        raise RuntimeError("CPU kernels are not built yet (run `mamba kernels build`)")
+        raise RuntimeError(f"{kind.upper()} kernels are not built yet (run `mamba kernels build`)")
     if not built:
         import sys
 
-        print("mamba: compiling CPU kernels for this machine (once, about a minute)...", file=sys.stderr, flush=True)
+        print(f"mamba: compiling {kind.upper()} kernels for this machine ({target.split()[0][:40]}; once, about a minute)...",
+              file=sys.stderr, flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name=name, sources=[str(s) for s in sources], build_directory=str(directory),
-                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"], verbose=False)
+        return cpp_extension.load(name=name, sources=[str(s) for s in sources if s.suffix != ".cuh"], build_directory=str(directory),
+                                  verbose=False, **flags)
     except Exception as exc:  # compiler missing or failing: fall back, saying why
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise RuntimeError(f"building the CPU kernels failed ({first[:200]})") from None
+        raise RuntimeError(f"building the {kind.upper()} kernels failed ({first[:200]})") from None
 
 
 class CpuKernelOps:
@@ -107,6 +130,32 @@ class CpuKernelOps:
         if ssm_state is None:
             ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
         return self.module.selective_scan(u, dt, A.float().contiguous(), B, C, D, z, ssm_state)
+
+
+class CudaKernelOps:
+    """The compiled CUDA backend: same interface and numerics as `ops.reference.TorchOps`."""
+
+    name = "cuda-kernels"
+
+    def __init__(self, module):
+        self.module = module
+
+    def causal_conv1d(self, x, weight, bias, conv_state):
+        if conv_state is None:
+            conv_state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[1])
+        return self.module.causal_conv1d(x, weight, bias, conv_state)
+
+    def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
+        if ssm_state is None:
+            ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
+        return self.module.selective_scan(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
+
+
+def cuda_backend(device) -> CudaKernelOps:
+    """Factory for the ops registry: the compiled CUDA ops, or RuntimeError saying why not."""
+    if torch.device(device).type != "cuda":
+        raise RuntimeError("the CUDA kernels run on CUDA devices only")
+    return CudaKernelOps(load_cuda())
 
 
 def cpu_backend(device) -> CpuKernelOps:

@@ -232,6 +232,8 @@ def load_model(
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if torch_dtype == torch.float16 and dev.type == "cpu":
+        warnings.warn("float16 on the CPU is slow and less accurate than bfloat16; prefer --dtype bfloat16 (running float16 as asked)")
     if name.endswith(".gguf") and Path(name).is_file():
         from .gguf_io import read_gguf
 

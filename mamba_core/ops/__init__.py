@@ -27,8 +27,18 @@ def _cpu_kernels(device: object) -> object:
     return cpu_backend(device)
 
 
+def _cuda_kernels(device: object) -> object:
+    from ..kernels import cuda_backend
+
+    return cuda_backend(device)
+
+
 # name -> factory(device) returning an ops object, or raising RuntimeError saying why it cannot run.
-_BACKENDS: dict[str, Callable[[object], object]] = {"torch": lambda device: TorchOps(), "cpu-kernels": _cpu_kernels}
+_BACKENDS: dict[str, Callable[[object], object]] = {
+    "torch": lambda device: TorchOps(),
+    "cpu-kernels": _cpu_kernels,
+    "cuda-kernels": _cuda_kernels,
+}
 _WARNED: set[str] = set()
 
 

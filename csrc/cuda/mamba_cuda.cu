@@ -1,0 +1,108 @@
+// CUDA kernels for Mamba: selective scan (prefill and one-token decode) and causal conv, with
+// carried state, so chunked prefill and exact continuation work (mamba_ssm's kernel has no
+// initial state).
+//
+// Dimension glossary: b batch, l length, d inner channels, n state size, k conv kernel, r dt rank.
+// Layouts are channels-last as the projections produce them: u, delta, z (b, l, d); B, C (b, l, n)
+// with any strides on b and l and unit stride on the last dimension; states are contiguous
+// (b, d, n) float32 and (b, d, k) in the model dtype.
+//
+// Scan: a thread owns one channel and half of its n states (two threads per channel, partial
+// outputs combined with one shuffle), walks the whole sequence once with the state in registers,
+// and reads B and C for a chunk of kChunk steps from shared memory, loaded once per block of
+// channels. All arithmetic is float32; exp is exp2f of a pre-scaled A.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "mamba_kernels.cuh"
+
+namespace {
+
+using namespace mamba;
+
+// Call f with a zero of the CUDA type matching a torch dtype.
+template <typename F>
+void dispatch(at::ScalarType type, F f) {
+    switch (type) {
+        case at::ScalarType::Float: f(0.0f); break;
+        case at::ScalarType::BFloat16: f(__nv_bfloat16()); break;
+        case at::ScalarType::Half: f(__half()); break;
+        default: TORCH_CHECK(false, "unsupported dtype ", type, " (float32, bfloat16 or float16)");
+    }
+}
+
+void check_last(const torch::Tensor& t, const char* name) {
+    TORCH_CHECK(t.is_cuda() && t.dim() == 3 && t.stride(2) == 1, name, " must be a CUDA (b, l, c) tensor with unit stride on c");
+}
+
+}  // namespace
+
+// y = scan of u (b, l, d); delta before bias and softplus; state (b, d, n) float32 read and
+// overwritten with the final state.
+torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                             c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
+                             torch::Tensor state) {
+    check_last(u, "u"); check_last(delta, "delta"); check_last(B, "B"); check_last(C, "C");
+    TORCH_CHECK(delta.scalar_type() == u.scalar_type() && B.scalar_type() == u.scalar_type() && C.scalar_type() == u.scalar_type(),
+                "u, delta, B and C must share a dtype");
+    TORCH_CHECK(state.scalar_type() == torch::kFloat && state.is_contiguous() && A.scalar_type() == torch::kFloat && A.is_contiguous(),
+                "A and state must be contiguous float32");
+    const c10::cuda::CUDAGuard guard(u.device());
+    const int batch = u.size(0), length = u.size(1), dim = u.size(2), nstate = A.size(1);
+    TORCH_CHECK(nstate <= 64, "state size above 64 is not supported by the CUDA scan");
+    auto y = torch::empty({batch, length, dim}, u.options());
+    torch::Tensor Df = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
+    torch::Tensor bf = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    if (z.has_value()) { check_last(*z, "z"); TORCH_CHECK(z->scalar_type() == u.scalar_type(), "z must have u's dtype"); }
+    ScanArgs a{u.data_ptr(), delta.data_ptr(), B.data_ptr(), C.data_ptr(), z.has_value() ? z->data_ptr() : nullptr,
+               A.data_ptr<float>(), D.has_value() ? Df.data_ptr<float>() : nullptr, delta_bias.has_value() ? bf.data_ptr<float>() : nullptr,
+               state.data_ptr<float>(), y.data_ptr(),
+               u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+               z.has_value() ? z->stride(0) : 0, z.has_value() ? z->stride(1) : 0, length, dim, nstate};
+    const dim3 grid(batch, (dim + kThreads / 2 - 1) / (kThreads / 2));
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const int half = (nstate + 1) / 2;
+    dispatch(u.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        if (half <= 4) scan_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a);
+        else if (half <= 8) scan_kernel<T, 8><<<grid, kThreads, 0, stream>>>(a);
+        else if (half <= 16) scan_kernel<T, 16><<<grid, kThreads, 0, stream>>>(a);
+        else scan_kernel<T, 32><<<grid, kThreads, 0, stream>>>(a);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+}
+
+// silu(causal depthwise conv of x (b, l, d)) continuing from conv_state (b, d, k), which is
+// overwritten with the last k inputs.
+torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor conv_state) {
+    check_last(x, "x");
+    TORCH_CHECK(conv_state.is_contiguous() && conv_state.scalar_type() == x.scalar_type(), "conv_state must be contiguous, in x's dtype");
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int batch = x.size(0), length = x.size(1), dim = x.size(2), kernel = weight.size(1);
+    TORCH_CHECK(kernel >= 2 && kernel <= 4, "the CUDA conv supports kernel sizes 2..4");
+    auto w = weight.to(torch::kFloat).contiguous();
+    torch::Tensor bf = bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    auto y = torch::empty({batch, length, dim}, x.options());
+    ConvArgs a{x.data_ptr(), w.data_ptr<float>(), bias.has_value() ? bf.data_ptr<float>() : nullptr, conv_state.data_ptr(), y.data_ptr(),
+               x.stride(0), x.stride(1), length, dim, kernel};
+    const int threads = 128;
+    const dim3 grid(batch, (dim + threads - 1) / threads, (length + kConvSteps - 1) / kConvSteps), grid_state(batch, (dim + threads - 1) / threads);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch(x.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        switch (kernel) {
+            case 2: conv_kernel<T, 2><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 2><<<grid_state, threads, 0, stream>>>(a); break;
+            case 3: conv_kernel<T, 3><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 3><<<grid_state, threads, 0, stream>>>(a); break;
+            default: conv_kernel<T, 4><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 4><<<grid_state, threads, 0, stream>>>(a); break;
+        }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("selective_scan", &selective_scan, "selective scan with carried state (CUDA)");
+    m.def("causal_conv1d", &causal_conv1d, "causal depthwise conv + SiLU with carried state (CUDA)");
+}

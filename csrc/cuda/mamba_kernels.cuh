@@ -1,0 +1,155 @@
+// CUDA kernels for Mamba (no torch here: mamba_cuda.cu binds them), see mamba_cuda.cu's header.
+#pragma once
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace mamba {
+
+constexpr int kThreads = 128;  // threads per block: 64 channels x 2 halves of the state
+constexpr int kChunk = 32;     // time steps of B and C staged in shared memory at once
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+struct ScanArgs {
+    const void *u, *delta, *B, *C, *z;
+    const float *A, *D, *delta_bias;
+    float* state;
+    void* y;
+    int64_t u_sb, u_sl, d_sb, d_sl, b_sb, b_sl, c_sb, c_sl, z_sb, z_sl;
+    int length, dim, nstate;
+};
+
+// MAXN: compile-time bound on the states a thread holds (nstate / 2 rounded up); indices stay
+// compile-time so the state lives in registers.
+template <typename T, int MAXN>
+__global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
+    __shared__ float sB[kChunk][2 * MAXN];
+    __shared__ float sC[kChunk][2 * MAXN];
+    const int b = blockIdx.x;
+    const int half = threadIdx.x & 1;
+    const int c = blockIdx.y * (kThreads / 2) + (threadIdx.x >> 1);
+    const bool active = c < a.dim;
+    const int cc = active ? c : a.dim - 1;  // idle lanes read a valid channel: every lane must reach the shuffle
+    const int n0 = half * MAXN;
+    const int nmine = max(0, min(MAXN, a.nstate - n0));
+    float h[MAXN], A2[MAXN];
+#pragma unroll
+    for (int i = 0; i < MAXN; i++) {
+        const bool ok = active && i < nmine;
+        h[i] = ok ? a.state[((int64_t)b * a.dim + c) * a.nstate + n0 + i] : 0.0f;
+        A2[i] = ok ? a.A[(int64_t)c * a.nstate + n0 + i] * kLog2e : 0.0f;
+    }
+    const float Dc = (active && a.D) ? a.D[c] : 0.0f;
+    const float bias = (active && a.delta_bias) ? a.delta_bias[c] : 0.0f;
+    const T* u = static_cast<const T*>(a.u) + b * a.u_sb;
+    const T* delta = static_cast<const T*>(a.delta) + b * a.d_sb;
+    const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb;
+    const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb;
+    const T* z = a.z ? static_cast<const T*>(a.z) + b * a.z_sb : nullptr;
+    T* y = static_cast<T*>(a.y) + (int64_t)b * a.length * a.dim;
+    for (int t0 = 0; t0 < a.length; t0 += kChunk) {
+        const int steps = min(kChunk, a.length - t0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < steps * a.nstate; i += kThreads) {
+            const int t = i / a.nstate, n = i % a.nstate;
+            sB[t][n] = to_f(Bp[(int64_t)(t0 + t) * a.b_sl + n]);
+            sC[t][n] = to_f(Cp[(int64_t)(t0 + t) * a.c_sl + n]);
+        }
+        __syncthreads();
+        for (int t = 0; t < steps; t++) {
+            const int64_t tt = t0 + t;
+            const float uv = to_f(u[tt * a.u_sl + cc]);
+            const float dt = softplus(to_f(delta[tt * a.d_sl + cc]) + bias);
+            const float du = dt * uv;
+            float acc = 0.0f;
+#pragma unroll
+            for (int i = 0; i < MAXN; i++) {
+                if (i < nmine) {
+                    h[i] = exp2f(dt * A2[i]) * h[i] + du * sB[t][n0 + i];
+                    acc += h[i] * sC[t][n0 + i];
+                }
+            }
+            acc += __shfl_xor_sync(0xffffffff, acc, 1);  // the other half of this channel's states
+            if (half == 0 && active) {
+                float out = acc + Dc * uv;
+                if (z) out *= silu(to_f(z[tt * a.z_sl + c]));
+                y[tt * a.dim + c] = from_f<T>(out);
+            }
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int i = 0; i < MAXN; i++)
+            if (i < nmine) a.state[((int64_t)b * a.dim + c) * a.nstate + n0 + i] = h[i];
+    }
+}
+
+struct ConvArgs {
+    const void* x;
+    const float *w, *bias;
+    void* state;
+    void* y;
+    int64_t x_sb, x_sl;
+    int length, dim, kernel;
+};
+
+constexpr int kConvSteps = 64;  // time steps per thread
+
+// One thread: one channel, kConvSteps consecutive steps; inputs before the first step come from
+// x itself or, at the start of the sequence, from the carried state.
+template <typename T, int K>
+__global__ void conv_kernel(ConvArgs a) {
+    const int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x, t0 = blockIdx.z * kConvSteps;
+    if (c >= a.dim) return;
+    const T* x = static_cast<const T*>(a.x) + b * a.x_sb;
+    T* st = static_cast<T*>(a.state) + ((int64_t)b * a.dim + c) * K;
+    T* y = static_cast<T*>(a.y) + (int64_t)b * a.length * a.dim;
+    float w[K], win[K];
+#pragma unroll
+    for (int j = 0; j < K; j++) {
+        w[j] = a.w[(int64_t)c * K + j];
+        const int t = t0 - K + j;  // the K inputs before t0; the state holds times -K..-1
+        win[j] = t >= 0 ? to_f(x[(int64_t)t * a.x_sl + c]) : to_f(st[K + t]);
+    }
+    const float bias = a.bias ? a.bias[c] : 0.0f;
+    const int t1 = min(a.length, t0 + kConvSteps);
+    for (int t = t0; t < t1; t++) {
+#pragma unroll
+        for (int j = 0; j + 1 < K; j++) win[j] = win[j + 1];
+        win[K - 1] = to_f(x[(int64_t)t * a.x_sl + c]);
+        float acc = bias;
+#pragma unroll
+        for (int j = 0; j < K; j++) acc += win[j] * w[j];
+        y[(int64_t)t * a.dim + c] = from_f<T>(silu(acc));
+    }
+}
+
+// After all conv blocks have read the old state: the new state is the last K inputs.
+template <typename T, int K>
+__global__ void conv_state_kernel(ConvArgs a) {
+    const int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= a.dim) return;
+    const T* x = static_cast<const T*>(a.x) + b * a.x_sb;
+    T* st = static_cast<T*>(a.state) + ((int64_t)b * a.dim + c) * K;
+    float v[K];
+#pragma unroll
+    for (int j = 0; j < K; j++) {  // input at time length - K + j; before 0 it is old state entry j + length
+        const int t = a.length - K + j;
+        v[j] = t >= 0 ? to_f(x[(int64_t)t * a.x_sl + c]) : to_f(st[j + a.length]);
+    }
+#pragma unroll
+    for (int j = 0; j < K; j++) st[j] = from_f<T>(v[j]);
+}
+
+}  // namespace mamba

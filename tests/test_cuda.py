@@ -1,0 +1,120 @@
+"""The CUDA path (pytest -m cuda; skipped without a GPU): kernels vs float64, model, graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_err
+from mamba_core.loading import load_model
+from mamba_core.ops.reference import TorchOps
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from mamba_core.kernels import cuda_backend
+
+    return cuda_backend("cuda")
+
+
+def _inputs(b, length, d, n, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(generator=g, device="cuda", dtype=torch.float64)
+    xz = torch.randn(b, length, 2 * d, **kw)
+    bc = torch.randn(b, length, 3 + 2 * n, **kw)
+    return dict(xz=xz, delta=torch.randn(b, length, d, **kw), bc=bc, A=-torch.rand(d, n, **kw) * 8, D=torch.randn(d, **kw),
+                bias=torch.randn(d, **kw) - 1, h0=torch.randn(b, d, n, **kw))
+
+
+def _reference(x, n, initial):
+    """The recurrence in float64, sequential over time, vectorised over batch and channels."""
+    u, z = x["xz"].chunk(2, dim=-1)
+    B, C = x["bc"][..., 3 : 3 + n], x["bc"][..., 3 + n :]
+    dt = torch.nn.functional.softplus(x["delta"] + x["bias"])
+    h = x["h0"].clone() if initial else torch.zeros_like(x["h0"])
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * x["A"]) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return (torch.stack(ys, 1) + u * x["D"]) * torch.nn.functional.silu(z), h
+
+
+def _run(kernels, x, n, initial, dtype):
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    u, z = cast(x["xz"]).chunk(2, dim=-1)  # strided views, as in the model
+    bc = cast(x["bc"])
+    state = (x["h0"] if initial else torch.zeros_like(x["h0"])).float().contiguous()
+    y = kernels.selective_scan(u, cast(x["delta"]), x["A"].float(), bc[..., 3 : 3 + n], bc[..., 3 + n :], x["D"].float(), z, x["bias"].float(), state)
+    return y, state
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 2048, 4097, 65536])
+@pytest.mark.parametrize("shape", [(1, 64, 16), (16, 96, 16), (3, 50, 5), (2, 40, 40)])
+@pytest.mark.parametrize("initial", [False, True])
+def test_scan_float32(kernels, length, shape, initial):
+    b, d, n = shape
+    if length == 65536 and b * d > 1000:
+        pytest.skip("65536 steps tested on the smaller shapes (the reference loop is sequential)")
+    x = _inputs(b, length, d, n, seed=length + b)
+    y_ref, h_ref = _reference(x, n, initial)
+    y, state = _run(kernels, x, n, initial, torch.float32)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(state, h_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("length", [1, 7, 2048])
+def test_scan_bfloat16(kernels, length):
+    x = _inputs(4, length, 96, 16, seed=length)
+    y_ref, _ = _reference(x, 16, True)
+    y, _ = _run(kernels, x, 16, True, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), y_ref) <= 1e-2
+
+
+@pytest.mark.parametrize("kernel", [2, 3, 4])
+@pytest.mark.parametrize("length", [1, 7, 200])
+def test_conv(kernels, kernel, length):
+    g = torch.Generator(device="cuda").manual_seed(kernel * length)
+    x = torch.randn(3, length, 2 * 70, generator=g, device="cuda")[..., :70]
+    w, bias = torch.randn(70, kernel, generator=g, device="cuda"), torch.randn(70, generator=g, device="cuda")
+    state0 = torch.randn(3, 70, kernel, generator=g, device="cuda")
+    ref_state, state = state0.clone(), state0.clone()
+    expected = TorchOps().causal_conv1d(x, w, bias, ref_state)
+    cut = length // 2
+    got = torch.cat([kernels.causal_conv1d(x[:, a:e], w, bias, state) for a, e in ((0, cut), (cut, length)) if e > a], dim=1)
+    assert rel_err(got, expected) <= 1e-6 and torch.equal(state, ref_state)
+
+
+def test_model_logits_and_greedy_match_cpu(tiny):
+    gpu = load_model("tiny-wikitext", dtype="float32", device="cuda", backend="cuda-kernels").model
+    assert gpu.backend == "cuda-kernels"
+    ids = torch.randint(0, 2045, (4, 300), generator=torch.Generator().manual_seed(0))
+    assert rel_err(gpu(ids.cuda()).cpu(), tiny.model(ids)) <= 1e-5
+    prompt = torch.tensor([[578, 1243, 376]])
+    assert torch.equal(gpu.generate(prompt.cuda(), max_new_tokens=40).cpu(), tiny.model.generate(prompt, max_new_tokens=40))
+
+
+def test_graph_decode_equals_plain_decode():
+    from mamba_core.cuda_graph import GraphedDecoder
+
+    model = load_model("tiny-wikitext", dtype="float32", device="cuda").model
+    ids = torch.randint(0, 2045, (3, 20), device="cuda")
+    plain, graphed = model.make_cache(3), model.make_cache(3)
+    model(ids, plain)
+    model(ids, graphed)
+    step = GraphedDecoder(model, graphed)
+    token = ids[:, -1]
+    for _ in range(10):
+        expected = model(token[:, None], plain, logits_to_keep=1)[:, -1]
+        got = step(token)
+        assert rel_err(got, expected) <= 1e-6
+        token = expected.argmax(-1)
+
+
+def test_generate_cli_on_cuda(tiny_tokenizer):
+    from mamba_core.generation import generate
+    from mamba_core.sampling import SamplingParams
+
+    gpu = load_model("tiny-wikitext", dtype="float32", device="cuda").model
+    result = generate(gpu, tiny_tokenizer, ["The game was", "A"], sampling=SamplingParams(temperature=0), max_new_tokens=20)
+    assert result[0].text.startswith(" also a member of the city . \n \n = =")
