@@ -74,6 +74,16 @@ class MambaMixer(nn.Module):
                 self.D.fill_(1.0)
         self.out_proj = Linear(d, h, bias=config.use_bias)
         self.ops = get_ops("torch")
+        self._A, self._A_key = None, None
+
+    def A(self) -> torch.Tensor:
+        """A = -exp(A_log) (d, n) float32, recomputed only when A_log changes (not per token)."""
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        if key != self._A_key:
+            with torch.no_grad():
+                self._A = -torch.exp(self.A_log.float())
+            self._A_key = key
+        return self._A
 
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """hidden (b, l, h) -> (b, l, h); reads and updates this layer's states in `cache`."""
@@ -83,8 +93,7 @@ class MambaMixer(nn.Module):
         x = self.ops.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state)
         dt, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan in fp32
-        A = -torch.exp(self.A_log.float())  # (d, n)
-        y = self.ops.selective_scan(x, dt, A, B, C, self.D, z, self.dt_proj.bias, ssm_state)
+        y = self.ops.selective_scan(x, dt, self.A(), B, C, self.D, z, self.dt_proj.bias, ssm_state)
         return self.out_proj(y)
 
 

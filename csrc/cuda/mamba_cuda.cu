@@ -7,10 +7,10 @@
 // with any strides on b and l and unit stride on the last dimension; states are contiguous
 // (b, d, n) float32 and (b, d, k) in the model dtype.
 //
-// Scan: a thread owns one channel and half of its n states (two threads per channel, partial
-// outputs combined with one shuffle), walks the whole sequence once with the state in registers,
-// and reads B and C for a chunk of kChunk steps from shared memory, loaded once per block of
-// channels. All arithmetic is float32; exp is exp2f of a pre-scaled A.
+// Scan: a thread owns one channel and a quarter of its n states (four threads per channel, partial
+// outputs combined with two shuffles) and walks the whole sequence once with the state in
+// registers; each chunk of kChunk steps of u, dt, z, B and C is first staged in shared memory by
+// the whole block (B and C loaded once per block of channels). All arithmetic is float32.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -60,15 +60,16 @@ torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor
                state.data_ptr<float>(), y.data_ptr(),
                u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
                z.has_value() ? z->stride(0) : 0, z.has_value() ? z->stride(1) : 0, length, dim, nstate};
-    const dim3 grid(batch, (dim + kThreads / 2 - 1) / (kThreads / 2));
+    const dim3 grid(batch, (dim + kChannels - 1) / kChannels);
     auto stream = at::cuda::getCurrentCUDAStream();
-    const int half = (nstate + 1) / 2;
+    const int per_thread = (nstate + kSplit - 1) / kSplit;
     dispatch(u.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        if (half <= 4) scan_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a);
-        else if (half <= 8) scan_kernel<T, 8><<<grid, kThreads, 0, stream>>>(a);
-        else if (half <= 16) scan_kernel<T, 16><<<grid, kThreads, 0, stream>>>(a);
-        else scan_kernel<T, 32><<<grid, kThreads, 0, stream>>>(a);
+        if (per_thread <= 1) scan_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a);
+        else if (per_thread <= 2) scan_kernel<T, 2><<<grid, kThreads, 0, stream>>>(a);
+        else if (per_thread <= 4) scan_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a);
+        else if (per_thread <= 8) scan_kernel<T, 8><<<grid, kThreads, 0, stream>>>(a);
+        else scan_kernel<T, 16><<<grid, kThreads, 0, stream>>>(a);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;

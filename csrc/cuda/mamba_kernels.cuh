@@ -6,9 +6,10 @@
 
 namespace mamba {
 
-constexpr int kThreads = 128;  // threads per block: 64 channels x 2 halves of the state
-constexpr int kChunk = 32;     // time steps of B and C staged in shared memory at once
-constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kSplit = 4;      // threads per channel, each holding a quarter of its n states
+constexpr int kThreads = 128;  // threads per block
+constexpr int kChannels = kThreads / kSplit;  // channels per block
+constexpr int kChunk = 32;     // time steps staged in shared memory at once
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -30,28 +31,34 @@ struct ScanArgs {
     int length, dim, nstate;
 };
 
-// MAXN: compile-time bound on the states a thread holds (nstate / 2 rounded up); indices stay
-// compile-time so the state lives in registers.
+// MAXN: states per thread (n / kSplit rounded up, as a compile-time constant so the state lives
+// in registers; missing states are padded with A = 0, B = C = 0 and stay 0, so the inner loop has
+// no branches). Each chunk of kChunk steps first stages u, softplus(delta + bias), silu(z), B and C
+// in shared memory with coalesced loads by the whole block, so the sequential loop never waits on
+// global memory; then each thread walks the steps.
 template <typename T, int MAXN>
 __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
-    __shared__ float sB[kChunk][2 * MAXN];
-    __shared__ float sC[kChunk][2 * MAXN];
+    constexpr int kWidth = kSplit * MAXN;  // padded state size
+    __shared__ float sB[kChunk][kWidth];
+    __shared__ float sC[kChunk][kWidth];
+    __shared__ float sU[kChunk][kChannels];
+    __shared__ float sDt[kChunk][kChannels];
+    __shared__ float sZ[kChunk][kChannels];
     const int b = blockIdx.x;
-    const int half = threadIdx.x & 1;
-    const int c = blockIdx.y * (kThreads / 2) + (threadIdx.x >> 1);
+    const int part = threadIdx.x % kSplit;
+    const int local = threadIdx.x / kSplit;
+    const int c0 = blockIdx.y * kChannels;
+    const int c = c0 + local;
     const bool active = c < a.dim;
-    const int cc = active ? c : a.dim - 1;  // idle lanes read a valid channel: every lane must reach the shuffle
-    const int n0 = half * MAXN;
-    const int nmine = max(0, min(MAXN, a.nstate - n0));
-    float h[MAXN], A2[MAXN];
+    const int n0 = part * MAXN;
+    float h[MAXN], Ac[MAXN];
 #pragma unroll
     for (int i = 0; i < MAXN; i++) {
-        const bool ok = active && i < nmine;
+        const bool ok = active && n0 + i < a.nstate;
         h[i] = ok ? a.state[((int64_t)b * a.dim + c) * a.nstate + n0 + i] : 0.0f;
-        A2[i] = ok ? a.A[(int64_t)c * a.nstate + n0 + i] * kLog2e : 0.0f;
+        Ac[i] = ok ? a.A[(int64_t)c * a.nstate + n0 + i] : 0.0f;
     }
     const float Dc = (active && a.D) ? a.D[c] : 0.0f;
-    const float bias = (active && a.delta_bias) ? a.delta_bias[c] : 0.0f;
     const T* u = static_cast<const T*>(a.u) + b * a.u_sb;
     const T* delta = static_cast<const T*>(a.delta) + b * a.d_sb;
     const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb;
@@ -60,38 +67,39 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
     T* y = static_cast<T*>(a.y) + (int64_t)b * a.length * a.dim;
     for (int t0 = 0; t0 < a.length; t0 += kChunk) {
         const int steps = min(kChunk, a.length - t0);
-        __syncthreads();
-        for (int i = threadIdx.x; i < steps * a.nstate; i += kThreads) {
-            const int t = i / a.nstate, n = i % a.nstate;
-            sB[t][n] = to_f(Bp[(int64_t)(t0 + t) * a.b_sl + n]);
-            sC[t][n] = to_f(Cp[(int64_t)(t0 + t) * a.c_sl + n]);
+        __syncthreads();  // the previous chunk is consumed
+        for (int i = threadIdx.x; i < steps * kWidth; i += kThreads) {
+            const int t = i / kWidth, n = i % kWidth;
+            const bool ok = n < a.nstate;
+            sB[t][n] = ok ? to_f(Bp[(int64_t)(t0 + t) * a.b_sl + n]) : 0.0f;
+            sC[t][n] = ok ? to_f(Cp[(int64_t)(t0 + t) * a.c_sl + n]) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < steps * kChannels; i += kThreads) {
+            const int t = i / kChannels, cl = i % kChannels, cg = min(c0 + cl, a.dim - 1);
+            const int64_t tt = t0 + t;
+            sU[t][cl] = to_f(u[tt * a.u_sl + cg]);
+            sDt[t][cl] = softplus(to_f(delta[tt * a.d_sl + cg]) + (a.delta_bias ? a.delta_bias[cg] : 0.0f));
+            sZ[t][cl] = z ? silu(to_f(z[tt * a.z_sl + cg])) : 1.0f;
         }
         __syncthreads();
         for (int t = 0; t < steps; t++) {
-            const int64_t tt = t0 + t;
-            const float uv = to_f(u[tt * a.u_sl + cc]);
-            const float dt = softplus(to_f(delta[tt * a.d_sl + cc]) + bias);
+            const float uv = sU[t][local], dt = sDt[t][local];
             const float du = dt * uv;
             float acc = 0.0f;
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
-                if (i < nmine) {
-                    h[i] = exp2f(dt * A2[i]) * h[i] + du * sB[t][n0 + i];
-                    acc += h[i] * sC[t][n0 + i];
-                }
+                h[i] = expf(dt * Ac[i]) * h[i] + du * sB[t][n0 + i];
+                acc += h[i] * sC[t][n0 + i];
             }
-            acc += __shfl_xor_sync(0xffffffff, acc, 1);  // the other half of this channel's states
-            if (half == 0 && active) {
-                float out = acc + Dc * uv;
-                if (z) out *= silu(to_f(z[tt * a.z_sl + c]));
-                y[tt * a.dim + c] = from_f<T>(out);
-            }
+#pragma unroll
+            for (int offset = 1; offset < kSplit; offset *= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);
+            if (part == 0 && active) y[(int64_t)(t0 + t) * a.dim + c] = from_f<T>((acc + Dc * uv) * sZ[t][local]);
         }
     }
     if (active) {
 #pragma unroll
         for (int i = 0; i < MAXN; i++)
-            if (i < nmine) a.state[((int64_t)b * a.dim + c) * a.nstate + n0 + i] = h[i];
+            if (n0 + i < a.nstate) a.state[((int64_t)b * a.dim + c) * a.nstate + n0 + i] = h[i];
     }
 }
 
