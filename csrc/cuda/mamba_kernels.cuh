@@ -19,7 +19,9 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+// softplus in double: an error in dt is multiplied by |dt * A| (up to ~30) in the decay exp(dt * A),
+// so dt must be correctly rounded; this runs once per (step, channel), off the sequential path.
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : static_cast<float>(log1p(exp(static_cast<double>(x)))); }
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 struct ScanArgs {
@@ -35,15 +37,16 @@ struct ScanArgs {
 // in registers; missing states are padded with A = 0, B = C = 0 and stay 0, so the inner loop has
 // no branches). Each chunk of kChunk steps first stages u, softplus(delta + bias), silu(z), B and C
 // in shared memory with coalesced loads by the whole block, so the sequential loop never waits on
-// global memory; then each thread walks the steps.
+// global memory; then each thread walks the steps, and the block writes the chunk's outputs.
 template <typename T, int MAXN>
-__global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
     constexpr int kWidth = kSplit * MAXN;  // padded state size
     __shared__ float sB[kChunk][kWidth];
     __shared__ float sC[kChunk][kWidth];
     __shared__ float sU[kChunk][kChannels];
     __shared__ float sDt[kChunk][kChannels];
     __shared__ float sZ[kChunk][kChannels];
+    __shared__ float sY[kSplit][kChunk][kChannels];  // partial outputs of the kSplit threads of a channel
     const int b = blockIdx.x;
     const int part = threadIdx.x % kSplit;
     const int local = threadIdx.x / kSplit;
@@ -58,42 +61,74 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
         h[i] = ok ? a.state[((int64_t)b * a.dim + c) * a.nstate + n0 + i] : 0.0f;
         Ac[i] = ok ? a.A[(int64_t)c * a.nstate + n0 + i] : 0.0f;
     }
-    const float Dc = (active && a.D) ? a.D[c] : 0.0f;
     const T* u = static_cast<const T*>(a.u) + b * a.u_sb;
     const T* delta = static_cast<const T*>(a.delta) + b * a.d_sb;
     const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb;
     const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb;
     const T* z = a.z ? static_cast<const T*>(a.z) + b * a.z_sb : nullptr;
     T* y = static_cast<T*>(a.y) + (int64_t)b * a.length * a.dim;
+    constexpr int kLoadsBC = kChunk * kWidth / kThreads > 0 ? (kChunk * kWidth + kThreads - 1) / kThreads : 1;
+    constexpr int kLoadsU = kChunk * kChannels / kThreads;
     for (int t0 = 0; t0 < a.length; t0 += kChunk) {
         const int steps = min(kChunk, a.length - t0);
-        __syncthreads();  // the previous chunk is consumed
-        for (int i = threadIdx.x; i < steps * kWidth; i += kThreads) {
-            const int t = i / kWidth, n = i % kWidth;
-            const bool ok = n < a.nstate;
-            sB[t][n] = ok ? to_f(Bp[(int64_t)(t0 + t) * a.b_sl + n]) : 0.0f;
-            sC[t][n] = ok ? to_f(Cp[(int64_t)(t0 + t) * a.c_sl + n]) : 0.0f;
+        // Issue every global load of the chunk first (independent, so their latencies overlap) ...
+        float rb[kLoadsBC], rc[kLoadsBC], ru[kLoadsU], rd[kLoadsU], rz[kLoadsU];
+#pragma unroll
+        for (int k = 0; k < kLoadsBC; k++) {
+            const int i = threadIdx.x + k * kThreads, t = i / kWidth, n = i % kWidth;
+            const bool ok = t < steps && n < a.nstate;
+            rb[k] = ok ? to_f(Bp[(int64_t)(t0 + t) * a.b_sl + n]) : 0.0f;
+            rc[k] = ok ? to_f(Cp[(int64_t)(t0 + t) * a.c_sl + n]) : 0.0f;
         }
-        for (int i = threadIdx.x; i < steps * kChannels; i += kThreads) {
-            const int t = i / kChannels, cl = i % kChannels, cg = min(c0 + cl, a.dim - 1);
-            const int64_t tt = t0 + t;
-            sU[t][cl] = to_f(u[tt * a.u_sl + cg]);
-            sDt[t][cl] = softplus(to_f(delta[tt * a.d_sl + cg]) + (a.delta_bias ? a.delta_bias[cg] : 0.0f));
-            sZ[t][cl] = z ? silu(to_f(z[tt * a.z_sl + cg])) : 1.0f;
+#pragma unroll
+        for (int k = 0; k < kLoadsU; k++) {
+            const int i = threadIdx.x + k * kThreads, t = i / kChannels, cg = min(c0 + i % kChannels, a.dim - 1);
+            const int64_t tt = min(t0 + t, a.length - 1);
+            ru[k] = to_f(u[tt * a.u_sl + cg]);
+            rd[k] = to_f(delta[tt * a.d_sl + cg]) + (a.delta_bias ? a.delta_bias[cg] : 0.0f);
+            rz[k] = z ? to_f(z[tt * a.z_sl + cg]) : 0.0f;
+        }
+        __syncthreads();  // ... then wait until the previous chunk is consumed, and stage this one
+#pragma unroll
+        for (int k = 0; k < kLoadsBC; k++) {
+            const int i = threadIdx.x + k * kThreads;
+            if (i < kChunk * kWidth) {
+                sB[i / kWidth][i % kWidth] = rb[k];
+                sC[i / kWidth][i % kWidth] = rc[k];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < kLoadsU; k++) {
+            const int i = threadIdx.x + k * kThreads, t = i / kChannels, cl = i % kChannels;
+            sU[t][cl] = ru[k];
+            sDt[t][cl] = softplus(rd[k]);
+            sZ[t][cl] = z ? silu(rz[k]) : 1.0f;
         }
         __syncthreads();
+        // The sequential part: only h is carried from step to step; partial outputs go to shared
+        // memory and are summed over the kSplit threads of a channel after the chunk.
+#pragma unroll 4
         for (int t = 0; t < steps; t++) {
-            const float uv = sU[t][local], dt = sDt[t][local];
-            const float du = dt * uv;
+            const float dt = sDt[t][local];
+            const float du = dt * sU[t][local];
             float acc = 0.0f;
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
                 h[i] = expf(dt * Ac[i]) * h[i] + du * sB[t][n0 + i];
                 acc += h[i] * sC[t][n0 + i];
             }
+            sY[part][t][local] = acc;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < steps * kChannels; i += kThreads) {
+            const int t = i / kChannels, cl = i % kChannels, cg = c0 + cl;
+            if (cg < a.dim) {
+                float acc = 0.0f;
 #pragma unroll
-            for (int offset = 1; offset < kSplit; offset *= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);
-            if (part == 0 && active) y[(int64_t)(t0 + t) * a.dim + c] = from_f<T>((acc + Dc * uv) * sZ[t][local]);
+                for (int p = 0; p < kSplit; p++) acc += sY[p][t][cl];
+                const float dskip = a.D ? a.D[cg] : 0.0f;
+                y[(int64_t)(t0 + t) * a.dim + cg] = from_f<T>((acc + dskip * sU[t][cl]) * sZ[t][cl]);
+            }
         }
     }
     if (active) {
