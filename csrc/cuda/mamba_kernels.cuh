@@ -24,6 +24,23 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : static_cast<float>(log1p(exp(static_cast<double>(x)))); }
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
+// exp for the decays: Cephes expf's range reduction and polynomial, all FMAs (about 1 ulp, and
+// unbiased, unlike expf's hardware approximation, whose small bias compounds along a long product
+// of decays), the same arithmetic as the CPU kernel. The argument is <= 0 here.
+__device__ __forceinline__ float exp_decay(float x) {
+    x = fmaxf(x, -87.3f);
+    const float n = rintf(x * 1.44269504088896341f);
+    const float r = fmaf(n, 2.12194440e-4f, fmaf(n, -0.693359375f, x));
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    return p * __int_as_float((static_cast<int>(n) + 127) << 23);
+}
+
 struct ScanArgs {
     const void *u, *delta, *B, *C, *z;
     const float *A, *D, *delta_bias;
@@ -114,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
             float acc = 0.0f;
 #pragma unroll
             for (int i = 0; i < MAXN; i++) {
-                h[i] = expf(dt * Ac[i]) * h[i] + du * sB[t][n0 + i];
+                h[i] = exp_decay(dt * Ac[i]) * h[i] + du * sB[t][n0 + i];
                 acc += h[i] * sC[t][n0 + i];
             }
             sY[part][t][local] = acc;
