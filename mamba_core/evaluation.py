@@ -34,6 +34,14 @@ class Unit:
     spans: torch.Tensor  # (l, 2) character span of each token in the document ((0, 0) for BOS)
 
 
+def _exp(x: float) -> float:
+    """exp that saturates to inf instead of raising (a random model's word perplexity overflows)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 @dataclasses.dataclass
 class Stats:
     """Running sums for one file or the total; everything reported is derived from these."""
@@ -56,7 +64,7 @@ class Stats:
         mean = self.nll_sum / n
         var = max(self.nll_sq_sum / n - mean * mean, 0.0)
         stderr = math.sqrt(var / (n - 1)) if n > 1 else 0.0
-        ppl = math.exp(mean)
+        ppl = _exp(mean)
         return {
             "tokens_scored": self.tokens,
             "nll_sum": self.nll_sum,
@@ -66,8 +74,8 @@ class Stats:
             "bytes": self.bytes,
             "words": self.words,
             "bits_per_byte": self.nll_sum / (self.bytes * math.log(2)) if self.bytes else None,
-            "byte_ppl": math.exp(self.nll_sum / self.bytes) if self.bytes else None,
-            "word_ppl": math.exp(self.nll_sum / self.words) if self.words else None,
+            "byte_ppl": _exp(self.nll_sum / self.bytes) if self.bytes else None,
+            "word_ppl": _exp(self.nll_sum / self.words) if self.words else None,
         }
 
 
