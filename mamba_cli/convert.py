@@ -31,6 +31,7 @@ def convert(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Shard HF safetensors above this size.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload OUT and compare probe logits with SRC.")] = True,
+    keep_fp32: Annotated[str, typer.Option("--keep-fp32", help="Also keep these in float32 when casting: conv, norm (comma list).")] = "",
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
 ) -> None:
@@ -42,5 +43,5 @@ def convert(
     if gguf_type is not None and (to != "gguf" or gguf_type not in GGUF_TYPES):
         raise MambaUsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)} and needs --to gguf")
     run(src, out, to=to, dtype=dtype, force=force, revision=revision, tokenizer=tokenizer, max_shard_size=max_shard_size,
-        gguf_type=gguf_type, verify=verify, report=err)
+        gguf_type=gguf_type, verify=verify, keep_fp32=tuple(p for p in keep_fp32.split(",") if p), report=err)
     print(out, flush=True)

@@ -58,13 +58,17 @@ def load_source(src: str, revision: str | None, tokenizer: str | None) -> tuple[
     return config, state, tok
 
 
-def _cast_state(model: torch.nn.Module, dtype: torch.dtype, tied: bool) -> dict[str, torch.Tensor]:
-    """The model's tensors in the output dtype, A_log and D kept float32."""
+_FP32_PARTS = {"conv": ("conv1d.weight", "conv1d.bias"), "norm": ("norm.weight", "norm_f.weight")}
+
+
+def _cast_state(model: torch.nn.Module, dtype: torch.dtype, tied: bool, keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The model's tensors in the output dtype; A_log and D (and the parts in keep_fp32) float32."""
+    suffixes = tuple(s for part in keep_fp32 for s in _FP32_PARTS[part])
     out = {}
     for name, p in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        keep = name.rsplit(".", 1)[-1] in _FP32_ALWAYS
+        keep = name.rsplit(".", 1)[-1] in _FP32_ALWAYS or name.endswith(suffixes)
         out[name] = p.detach().to(torch.float32 if keep else dtype).contiguous()
     return out
 
@@ -126,6 +130,7 @@ def convert(
     max_shard_size: str = "2GB",
     gguf_type: str | None = None,
     verify: bool = True,
+    keep_fp32: tuple[str, ...] = (),
     report: Callable[[str], None] = lambda s: None,
 ) -> float | None:
     """Convert SRC to OUT in format `to`; returns the verified max |logit difference| (or None)."""
@@ -133,6 +138,9 @@ def convert(
         raise MambaUsageError(f"--to {to!r} is unknown; choose hf, orig or gguf")
     if dtype not in DTYPES:
         raise MambaUsageError(f"--dtype {dtype!r} is unknown; choose float32, bfloat16 or float16")
+    unknown = set(keep_fp32) - set(_FP32_PARTS)
+    if unknown:
+        raise MambaUsageError(f"--keep-fp32 {','.join(sorted(unknown))}: choose from conv, norm")
     qtype = gguf_type or {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype]
     max_shard = parse_size(max_shard_size)
     out = Path(out)
@@ -141,7 +149,7 @@ def convert(
     config, state, tok = load_source(src, revision, tokenizer)
     source_model = build_model(config, state, torch.float32, torch.device("cpu"), Path(src))  # validates names/shapes
     expected = probe_logits(source_model) if verify else None
-    cast = _cast_state(source_model, DTYPES[dtype], config.tie_word_embeddings)
+    cast = _cast_state(source_model, DTYPES[dtype], config.tie_word_embeddings, keep_fp32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

@@ -6,6 +6,7 @@ a BOS is added; GPT-NeoX's adds none), which is what transformers' pipeline does
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .errors import MambaError
@@ -39,21 +40,22 @@ class Tokenizer:
     def encode_document(self, text: str, add_special_tokens: bool = False, block_chars: int = 1 << 16) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Ids (n,) and character spans (n, 2) of a long text, as compact tensors.
 
-        The text is encoded in blocks of about `block_chars` characters, cut only after a newline
-        followed by a non-space character, where byte-level BPE pre-tokenizers always split, so
-        the ids equal a single encode (checked on WikiText-2 for both shipped tokenizers) while
-        the tokenizer's temporary memory stays bounded however long the text is.
+        With a GPT-2-style byte-level pre-tokenizer (every Mamba tokenizer), the text is encoded in
+        blocks of about `block_chars` characters, cut only where that pre-tokenizer always splits
+        the same way: after a newline followed by a space and a non-space (the space belongs to
+        the next word), or between a non-space, a newline and a non-space. The ids then equal a
+        single encode (tested on WikiText-2 with both shipped tokenizers), while the tokenizer's
+        temporary memory (hundreds of bytes per token) stays bounded however long the text is.
+        Other pre-tokenizers get one encode of the whole text.
         """
-        import re
-
         import torch
 
-        cut = re.compile(r"\n(?=\S)")
+        blockwise = _byte_level_regex(self._tok.pre_tokenizer)
         ids, spans, pos = [], [], 0
-        while pos < len(text) or not ids:
-            end = min(pos + block_chars, len(text))
+        while True:
+            end = min(pos + block_chars, len(text)) if blockwise else len(text)
             if end < len(text):
-                match = cut.search(text, end)
+                match = _SAFE_CUT.search(text, end)
                 end = match.end() if match else len(text)
             encoding = self._tok.encode(text[pos:end], add_special_tokens=add_special_tokens and pos == 0)
             ids.append(torch.tensor(encoding.ids, dtype=torch.int64))
@@ -77,6 +79,14 @@ class Tokenizer:
     def stream(self) -> "StreamDecoder":
         """A decoder that turns ids, one at a time, into text pieces that are valid UTF-8."""
         return StreamDecoder(self)
+
+
+_SAFE_CUT = re.compile(r"\n(?= \S)|(?<=\S)\n(?=\S)")
+
+
+def _byte_level_regex(pre_tokenizer) -> bool:
+    """True for a ByteLevel pre-tokenizer that splits with the GPT-2 regex."""
+    return type(pre_tokenizer).__name__ == "ByteLevel" and bool(getattr(pre_tokenizer, "use_regex", True))
 
 
 class StreamDecoder:

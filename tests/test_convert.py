@@ -165,3 +165,24 @@ def test_interrupted_conversion_leaves_no_output(tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("src", [HF_DIR, ORIG_DIR], ids=["from-hf", "from-orig"])
+@pytest.mark.parametrize("to", ["hf", "orig", "gguf"])
+def test_every_direction_on_both_fixtures(tmp_path, src, to):
+    out = tmp_path / ("m.gguf" if to == "gguf" else "out")
+    result = convert(src, out, "--to", to)
+    assert result.exit_code == 0, result.output
+    back = tmp_path / "back"
+    assert convert(out, back).exit_code == 0  # and back to hf from each format
+    for path in (out, back):
+        assert (logits(path) - logits(src)).abs().max() <= 1e-4
+
+
+def test_keep_fp32_parts(tmp_path):
+    assert convert(HF_DIR, tmp_path / "bf", "--dtype", "bfloat16", "--keep-fp32", "conv,norm").exit_code == 0
+    with safe_open(tmp_path / "bf" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes["backbone.layers.0.mixer.conv1d.weight"] == torch.float32 and dtypes["backbone.layers.0.norm.weight"] == torch.float32
+    assert dtypes["backbone.norm_f.weight"] == torch.float32 and dtypes["backbone.layers.0.mixer.x_proj.weight"] == torch.bfloat16
+    assert convert(HF_DIR, tmp_path / "x", "--keep-fp32", "embeddings").exit_code == 2

@@ -157,3 +157,21 @@ def test_memory_does_not_grow_with_document_length(tmp_path):
 
     small, whole = peak(tenth), peak(WIKITEXT)
     assert whole <= 1.10 * small, (small, whole)
+
+
+@pytest.mark.slow
+def test_memory_flat_on_a_10_megabyte_document(tmp_path):
+    """A 10 MB document (WikiText-2 test x 8) peaks no higher than its first tenth (within 10%)."""
+    big, tenth = tmp_path / "big.txt", tmp_path / "tenth.txt"
+    text = TEXT * 8
+    big.write_text(text, encoding="utf-8")
+    tenth.write_text(text[: len(text) // 10], encoding="utf-8")
+
+    def peak(path):
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, timeout=3600)
+        assert out.returncode == 0, out.stderr.decode()
+        return int(out.stderr.decode().strip().splitlines()[-1])
+
+    assert big.stat().st_size > 10_000_000
+    small, whole = peak(tenth), peak(big)
+    assert whole <= 1.10 * small, (small, whole)
