@@ -104,7 +104,7 @@ def eval_ppl(
 ) -> None:
     """Perplexity of a model on text: exact by default (every token with all text before it)."""
     from mamba_core.documents import read_data_file
-    from mamba_core.evaluation import Protocol, count_text, evaluate, limit_units, make_units
+    from mamba_core.evaluation import Protocol, count_text, evaluate, limit_units, make_units, text_size
     from mamba_core.loading import load_model
 
     from .common import load
@@ -145,7 +145,7 @@ def eval_ppl(
     result.total.words = sum(s.words for s in result.files)
     report = {
         "model": {"name": model, "path": str(loaded.path), "revision": revision},
-        "data": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes, "documents": len(f.documents), "words": sum(len(d.split()) for d in f.documents)} for f in files],
+        "data": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes, "documents": len(f.documents), "words": sum(text_size(d)[1] for d in f.documents)} for f in files],
         "protocol": {"name": protocol.name, "params": {**protocol.params(), "chunk_size": chunk_size, "batch_size": batch_size, "limit_tokens": limit_tokens}},
         **result.total.report(),
         "tokens_processed": result.tokens_processed,

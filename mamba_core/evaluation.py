@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Callable
 
@@ -26,7 +27,7 @@ from .tokenizer import Tokenizer
 class Unit:
     """One row from a fresh state: ids[t] is scored for t in [first, end) (from logits at t - 1)."""
 
-    ids: torch.Tensor  # (l,) int64
+    ids: torch.Tensor  # (l,) int32
     first: int
     end: int
     file: int  # which data file
@@ -99,7 +100,7 @@ class Protocol:
 def make_units(protocol: Protocol, tokenizer: Tokenizer, files: list[list[str]]) -> list[Unit]:
     """Tokenize every document and cut it into units as the protocol says."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    bos_id, bos_span = torch.tensor([bos]), torch.zeros(1, 2, dtype=torch.int64)
+    bos_id, bos_span = torch.tensor([bos], dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32)
     units: list[Unit] = []
     for f, documents in enumerate(files):
         taken = 0
@@ -157,11 +158,21 @@ def count_text(units: list[Unit], files: list[list[str]], totals: list[Stats]) -
                 merged[-1][1] = max(merged[-1][1], end)
             else:
                 merged.append([start, end])
-        text = files[f][d]
         for start, end in merged:
-            piece = text[start:end]
-            totals[f].bytes += len(piece.encode("utf-8"))
-            totals[f].words += len(piece.split())
+            nbytes, nwords = text_size(files[f][d], start, end)
+            totals[f].bytes += nbytes
+            totals[f].words += nwords
+
+
+_WORD = re.compile(r"\S+")
+
+
+def text_size(text: str, start: int = 0, end: int | None = None, block: int = 1 << 20) -> tuple[int, int]:
+    """UTF-8 bytes and whitespace-separated words of text[start:end], in constant extra memory."""
+    end = len(text) if end is None else end
+    nbytes = sum(len(text[i : min(i + block, end)].encode("utf-8")) for i in range(start, end, block))
+    nwords = sum(1 for _ in _WORD.finditer(text, start, end))
+    return nbytes, nwords
 
 
 @dataclasses.dataclass
@@ -218,19 +229,19 @@ def evaluate(
 
 def _score_batch(model, base, batch: list[Unit], chunk_size: int, files: list[Stats], kl: KLStats | None, progress) -> int:
     """Feed one batch of units chunk by chunk; add each row's scored NLLs to its file's stats."""
-    device = model.device
     length = max(len(u.ids) for u in batch)
-    ids = torch.zeros(len(batch), length, dtype=torch.long)
-    for row, unit in enumerate(batch):
-        ids[row, : len(unit.ids)] = unit.ids
-    ids = ids.to(device)
     caches = [m.make_cache(len(batch)) if m is not None else None for m in (model, base)]
     for start in range(0, length - 1, chunk_size):
         end = min(start + chunk_size, length - 1)  # inputs [start, end) predict ids [start+1, end+1)
-        logits = model(ids[:, start:end], caches[0])  # (b, c, vocab) float32
-        targets = ids[:, start + 1 : end + 1]  # (b, c)
+        ids = torch.zeros(len(batch), end + 1 - start, dtype=torch.long)  # this chunk only: (b, c + 1)
+        for row, unit in enumerate(batch):
+            piece = unit.ids[start : end + 1]  # right-padded with 0 past a row's end (never scored)
+            ids[row, : len(piece)] = piece
+        ids = ids.to(model.device)
+        logits = model(ids[:, :-1], caches[0])  # (b, c, vocab) float32
+        targets = ids[:, 1:]  # (b, c)
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (b, c)
-        base_logits = base(ids[:, start:end], caches[1]) if base is not None else None
+        base_logits = base(ids[:, :-1], caches[1]) if base is not None else None
         for row, unit in enumerate(batch):
             lo, hi = max(unit.first, start + 1) - start - 1, min(unit.end, end + 1) - start - 1
             if hi <= lo:

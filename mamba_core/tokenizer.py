@@ -38,7 +38,7 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_document(self, text: str, add_special_tokens: bool = False, block_chars: int = 1 << 16) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Ids (n,) and character spans (n, 2) of a long text, as compact tensors.
+        """Ids (n,) and character spans (n, 2) of a long text, as compact int32 tensors.
 
         With a GPT-2-style byte-level pre-tokenizer (every Mamba tokenizer), the text is encoded in
         blocks of about `block_chars` characters, cut only where that pre-tokenizer always splits
@@ -58,8 +58,8 @@ class Tokenizer:
                 match = _SAFE_CUT.search(text, end)
                 end = match.end() if match else len(text)
             encoding = self._tok.encode(text[pos:end], add_special_tokens=add_special_tokens and pos == 0)
-            ids.append(torch.tensor(encoding.ids, dtype=torch.int64))
-            spans.append(torch.tensor(encoding.offsets, dtype=torch.int64).reshape(-1, 2) + pos)
+            ids.append(torch.tensor(encoding.ids, dtype=torch.int32))  # int32: 4 bytes a token, kept per document
+            spans.append(torch.tensor(encoding.offsets, dtype=torch.int32).reshape(-1, 2) + pos)
             pos = end
             if pos >= len(text):
                 break

@@ -57,8 +57,8 @@ def _reference_nll(reference, units):
     total = 0.0
     for unit in units:
         with torch.no_grad():
-            logits = reference(unit.ids[None]).logits[0]
-        nll = torch.nn.functional.cross_entropy(logits[:-1], unit.ids[1:], reduction="none")
+            logits = reference(unit.ids[None].long()).logits[0]
+        nll = torch.nn.functional.cross_entropy(logits[:-1], unit.ids[1:].long(), reduction="none")
         total += nll[unit.first - 1 : unit.end - 1].double().sum().item()
     return total
 
