@@ -111,10 +111,10 @@ def _compile(kind: str, sources: list[Path], target: str, build: bool, flags: di
         raise RuntimeError(f"building the {kind.upper()} kernels failed ({first[:200]})") from None
 
 
-class CpuKernelOps:
-    """The compiled CPU backend: same interface and numerics as `ops.reference.TorchOps`."""
+class _KernelOps:
+    """A compiled backend: same interface and numerics as `ops.reference.TorchOps`."""
 
-    name = "cpu-kernels"
+    name = "kernels"
 
     def __init__(self, module):
         self.module = module
@@ -123,6 +123,12 @@ class CpuKernelOps:
         if conv_state is None:
             conv_state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[1])
         return self.module.causal_conv1d(x, weight, bias, conv_state)
+
+
+class CpuKernelOps(_KernelOps):
+    """The compiled CPU backend (softplus of the step sizes in torch, the rest in csrc/cpu)."""
+
+    name = "cpu-kernels"
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
@@ -132,18 +138,10 @@ class CpuKernelOps:
         return self.module.selective_scan(u, dt, A.float().contiguous(), B, C, D, z, ssm_state)
 
 
-class CudaKernelOps:
-    """The compiled CUDA backend: same interface and numerics as `ops.reference.TorchOps`."""
+class CudaKernelOps(_KernelOps):
+    """The compiled CUDA backend (everything in csrc/cuda, softplus included)."""
 
     name = "cuda-kernels"
-
-    def __init__(self, module):
-        self.module = module
-
-    def causal_conv1d(self, x, weight, bias, conv_state):
-        if conv_state is None:
-            conv_state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[1])
-        return self.module.causal_conv1d(x, weight, bias, conv_state)
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         if ssm_state is None:
