@@ -189,10 +189,9 @@ def check_state_dict(model: MambaForCausalLM, state: dict[str, torch.Tensor], so
         raise MambaError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}; is this a Mamba (v1) checkpoint?")
     for name, shape in expected.items():
         found = tuple(state[name].shape)
-        if name == "backbone.layers.0.mixer.conv1d.weight" or name.endswith("conv1d.weight"):
-            if found == (shape[0], shape[2]):  # some writers squeeze the conv weight
-                state[name] = state[name].unsqueeze(1)
-                found = shape
+        if name.endswith("conv1d.weight") and found == (shape[0], shape[2]):  # some writers squeeze the conv weight
+            state[name] = state[name].unsqueeze(1)
+            found = shape
         if found != shape:
             raise MambaError(f"{source}: tensor {name} has shape {list(found)}, expected {list(shape)} from config.json")
 
