@@ -7,16 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mamba_core.ops.reference import TorchOps
-
-
-def reference(u, delta, A, B, C, D, z, bias, h):
-    dt = torch.nn.functional.softplus(delta + bias)
-    ys = []
-    for t in range(u.shape[1]):
-        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    return (torch.stack(ys, 1) + u * D) * torch.nn.functional.silu(z), h
+from mamba_core.ops.reference import TorchOps, sequential_scan
 
 
 def main() -> None:
@@ -38,7 +29,7 @@ def main() -> None:
         A, D, bias, h0 = -torch.rand(d, n, **kw) * 8, torch.randn(d, **kw), torch.randn(d, **kw) - 1, torch.randn(b, d, n, **kw)
         u, z = xz.chunk(2, dim=-1)
         B, C = bc[..., 3 : 3 + n], bc[..., 3 + n :]
-        y_ref, h_ref = reference(u, delta, A, B, C, D, z, bias, h0)
+        y_ref, h_ref = sequential_scan(u, delta, A, B, C, D, z, bias, h0)
         for name, device, ops in backends:
             f = lambda t: t.float().to(device)  # noqa: E731
             xz32 = f(xz)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def resolve_model_dir(name: str, revision: str | None = None, allow_config_only:
     if name in EMBEDDED:
         return EMBEDDED[name]
     path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         if not path.exists():
             raise MambaError(f"model path {name} does not exist")
         if not path.is_dir():

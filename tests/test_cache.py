@@ -9,7 +9,7 @@ from conftest import rel_err
 from mamba_core.cache import MambaCache
 from mamba_core.config import MambaConfig
 from mamba_core.model import MambaForCausalLM
-from mamba_core.ops.reference import TorchOps, scan_chunk_size
+from mamba_core.ops.reference import TorchOps, scan_chunk_size, sequential_scan
 
 
 def _ids(batch, length, vocab=2045, seed=0):
@@ -67,17 +67,6 @@ def test_cache_shapes_dtypes_and_reset(tiny):
     assert cache._ssm.abs().sum() == 0
 
 
-def _sequential_scan(u, delta, A, B, C, D, z, delta_bias, h):
-    """The recurrence spelled out, one token at a time, in float64."""
-    dt = torch.nn.functional.softplus(delta + delta_bias)
-    ys = []
-    for t in range(u.shape[1]):
-        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    y = (torch.stack(ys, 1) + u * D) * torch.nn.functional.silu(z)
-    return y, h
-
-
 @pytest.mark.parametrize("length", [1, 2, 7, 64, 300])
 @pytest.mark.parametrize("initial_state", [False, True])
 def test_scan_matches_sequential_recurrence(length, initial_state):
@@ -88,7 +77,7 @@ def test_scan_matches_sequential_recurrence(length, initial_state):
     A = -torch.rand(d, n, generator=g, dtype=torch.float64) * 8
     D, bias = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
     h0 = torch.randn(b, d, n, generator=g, dtype=torch.float64) if initial_state else torch.zeros(b, d, n, dtype=torch.float64)
-    y_ref, h_ref = _sequential_scan(u, delta, A, B, C, D, z, bias, h0)
+    y_ref, h_ref = sequential_scan(u, delta, A, B, C, D, z, bias, h0)
     state = h0.float().clone()
     f = lambda t: t.float()  # noqa: E731
     y = TorchOps().selective_scan(f(u), f(delta), f(A), f(B), f(C), f(D), f(z), f(bias), state)

@@ -8,8 +8,7 @@ import torch
 from conftest import rel_err, run_cli
 from mamba_core.kernels import cpu_backend
 from mamba_core.loading import load_model
-from mamba_core.ops.reference import TorchOps
-from test_cache import _sequential_scan
+from mamba_core.ops.reference import TorchOps, sequential_scan
 
 kernels = cpu_backend("cpu")
 
@@ -35,7 +34,7 @@ def test_scan_kernel_matches_float64_reference(length, initial_state, shape):
     u, delta, A, B, C, D, z, bias, h0 = _inputs(b, length, d, n, seed=length)
     if not initial_state:
         h0 = torch.zeros_like(h0)
-    y_ref, h_ref = _sequential_scan(u, delta, A, B, C, D, z, bias, h0)
+    y_ref, h_ref = sequential_scan(u, delta, A, B, C, D, z, bias, h0)
     f = lambda t: t.float()  # noqa: E731
     xz32 = torch.cat([u, z], dim=-1).float()
     u32, z32 = xz32.chunk(2, dim=-1)
@@ -46,7 +45,7 @@ def test_scan_kernel_matches_float64_reference(length, initial_state, shape):
 
 def test_scan_kernel_bfloat16():
     u, delta, A, B, C, D, z, bias, h0 = _inputs(2, 300, 48, 16, seed=9)
-    y_ref, _ = _sequential_scan(u, delta, A, B, C, D, z, bias, h0)
+    y_ref, _ = sequential_scan(u, delta, A, B, C, D, z, bias, h0)
     bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
     state = h0.float().clone()
     y = kernels.selective_scan(bf(u), bf(delta), A.float(), bf(B), bf(C), D.float(), bf(z), bias.float(), state)

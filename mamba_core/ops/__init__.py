@@ -8,7 +8,7 @@ A backend is an object with three methods (see `reference.TorchOps`):
   causal_conv1d(x, weight, bias, conv_state) -> y         prompt chunk, SiLU applied, state updated
   selective_scan(u, delta, A, B, C, D, z, delta_bias, ssm_state) -> y   state updated in place
   decode_step(x, dt, B, C, z, weight, bias, A, D, delta_bias, conv_state, ssm_state) -> y
-Compiled backends (csrc/) register here and are chosen by `get_ops`; the plain-torch backend is
+Compiled backends (csrc/) are listed here with the device type they run on and chosen by `get_ops`; the plain-torch backend is
 the reference every other backend is tested against, and the fallback everywhere.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import warnings
 from typing import Callable
+
+import torch
 
 from ..errors import MambaError, MambaUsageError
 from .reference import TorchOps
@@ -33,18 +35,14 @@ def _cuda_kernels(device: object) -> object:
     return cuda_backend(device)
 
 
-# name -> factory(device) returning an ops object, or raising RuntimeError saying why it cannot run.
-_BACKENDS: dict[str, Callable[[object], object]] = {
-    "torch": lambda device: TorchOps(),
-    "cpu-kernels": _cpu_kernels,
-    "cuda-kernels": _cuda_kernels,
+# name -> (the device type it runs on, or None for any; factory(device) returning an ops object or
+# raising RuntimeError saying why it cannot run).
+_BACKENDS: dict[str, tuple[str | None, Callable[[object], object]]] = {
+    "torch": (None, lambda device: TorchOps()),
+    "cpu-kernels": ("cpu", _cpu_kernels),
+    "cuda-kernels": ("cuda", _cuda_kernels),
 }
 _WARNED: set[str] = set()
-
-
-def register_backend(name: str, factory: Callable[[object], object]) -> None:
-    """Make a compiled backend selectable by name (called by the kernel loaders)."""
-    _BACKENDS[name] = factory
 
 
 def available_backends() -> list[str]:
@@ -54,21 +52,27 @@ def available_backends() -> list[str]:
 
 def get_ops(name: str = "auto", device: object = "cpu") -> object:
     """Return the ops object for `name` on `device`; 'auto' picks the fastest that can run."""
+    device_type = torch.device(device).type
     if name == "auto":
         reasons = []
-        for candidate in [n for n in _BACKENDS if n != "torch"]:
+        for candidate, (runs_on, factory) in _BACKENDS.items():
+            if runs_on != device_type:
+                continue
             try:
-                return _BACKENDS[candidate](device)
+                return factory(device)
             except RuntimeError as exc:
                 reasons.append(f"{candidate}: {exc}")
-        message = "using the plain-torch ops (slower): " + "; ".join(r for r in reasons if "only" not in r)
-        if reasons and message not in _WARNED and any("only" not in r for r in reasons):
+        message = "using the plain-torch ops (slower): " + "; ".join(reasons)
+        if reasons and message not in _WARNED:
             _WARNED.add(message)
             warnings.warn(message, stacklevel=2)
         return TorchOps()
     if name not in _BACKENDS:
         raise MambaUsageError(f"--backend {name!r} is unknown; choose one of: auto, {', '.join(available_backends())}")
+    runs_on, factory = _BACKENDS[name]
+    if runs_on not in (None, device_type):
+        raise MambaUsageError(f"--backend {name} runs on {runs_on} devices only, not {device_type}")
     try:
-        return _BACKENDS[name](device)
+        return factory(device)
     except RuntimeError as exc:
         raise MambaError(f"--backend {name} cannot run here: {exc}") from None

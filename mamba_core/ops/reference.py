@@ -104,6 +104,21 @@ class TorchOps:
 _BLOCK = 16  # positions combined by the doubling scan before blocks are chained
 
 
+def sequential_scan(u, delta, A, B, C, D, z, delta_bias, h):
+    """The recurrence spelled out one token at a time (any dtype, usually float64): the definition
+    every fast path (this chunked one, the CPU and CUDA kernels) is tested against.
+
+    u, delta, z (b, l, d); A (d, n); B, C (b, l, n); D, delta_bias (d,); h (b, d, n) initial state.
+    Returns y (b, l, d) and the final state.
+    """
+    dt = F.softplus(delta + delta_bias)
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return (torch.stack(ys, 1) + u * D) * F.silu(z), h
+
+
 def _linear_scan_(a: torch.Tensor, b: torch.Tensor) -> None:
     """In place along dim 1: b[t] <- a[t] b[t-1] + b[t] (from b[-1] = 0), a[t] <- a[0] ... a[t].
 
