@@ -2,6 +2,7 @@
 
     python benchmarks/compare_transformers.py --config ../shared/configs/mamba-130m-hf
     python benchmarks/compare_transformers.py --config CFG --tests pp512,tg128 --batch 1 -r 3
+    python benchmarks/compare_transformers.py --config CFG --dtype bfloat16 --quantize int8 --batch 1   # ours low precision vs their fp32
 
 Builds transformers' model from config.json with seeded random weights, loads the same tensors
 into ours, checks that the logits agree, then times each test for both, interleaved
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 
 
-def build(config_path: Path, dtype: torch.dtype, backend: str = "auto"):
-    """Both models with identical seeded random weights."""
+def build(config_path: Path, dtype: torch.dtype, theirs_dtype: torch.dtype, backend: str = "auto", quantize: str = "none"):
+    """Both models with identical seeded random weights (ours in `dtype`, optionally int8)."""
     import transformers
 
     from mamba_core.config import MambaConfig
@@ -34,9 +35,9 @@ def build(config_path: Path, dtype: torch.dtype, backend: str = "auto"):
     torch.manual_seed(0)
     theirs = transformers.MambaForCausalLM(transformers.MambaConfig(**{k: v for k, v in data.items() if k != "d_inner"})).eval()
     state = {k: v.clone() for k, v in theirs.state_dict().items()}
-    ours = build_model(MambaConfig.from_dict(data), state, dtype, torch.device("cpu"), config_path)
+    ours = build_model(MambaConfig.from_dict(data), state, dtype, torch.device("cpu"), config_path, quantize)
     ours.set_backend(backend)
-    theirs.to(dtype)
+    theirs.to(theirs_dtype)
     return theirs, ours
 
 
@@ -95,22 +96,26 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="directory with a config.json")
     parser.add_argument("--tests", default="pp512,pp2048,tg128")
     parser.add_argument("--batch", default="1,8")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our dtype")
+    parser.add_argument("--theirs-dtype", default=None, choices=["float32", "bfloat16"], help="transformers' dtype (default: --dtype)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"], help="our weight-only quantization")
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("-t", "--threads", type=int, default=0)
     parser.add_argument("--backend", default="auto", help="our ops backend (auto, torch, cpu-kernels)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    theirs, ours = build(args.config, dtype, args.backend)
+    theirs_dtype = args.theirs_dtype or args.dtype
+    theirs, ours = build(args.config, getattr(torch, args.dtype), getattr(torch, theirs_dtype), args.backend, args.quantize)
     vocab = ours.config.vocab_size
     ours_err, theirs_err = check_logits(theirs, ours, vocab)
     print(f"logits vs transformers in float64: ours {ours_err:.2e}, transformers' own {theirs_err:.2e} (max |diff| / max |logit|)", file=sys.stderr)
-    if ours_err > 2 * theirs_err + 1e-5:
+    same_precision = theirs_dtype == args.dtype and args.quantize == "none"
+    if same_precision and ours_err > 2 * theirs_err + 1e-5:
         sys.exit("our logits are further from the float64 reference than transformers'; not timing")
-    print(f"| test | batch | dtype | transformers t/s | ours ({ours.backend}) t/s | ours / transformers |")
-    print("|---|---:|---|---:|---:|---:|")
+    ours_label = args.dtype + ("+int8" if args.quantize == "int8" else "")
+    print(f"| test | batch | transformers ({theirs_dtype}) t/s | ours ({ours_label}, {ours.backend}) t/s | ours / transformers |")
+    print("|---|---:|---:|---:|---:|")
     for batch in [int(b) for b in args.batch.split(",")]:
         for test in args.tests.split(","):
             tokens = batch * int(test[2:])
@@ -120,7 +125,7 @@ def main() -> None:
                 t.append(tokens / time_theirs(theirs, test, batch, vocab))
                 o.append(tokens / time_ours(ours, test, batch, vocab))
             tm, om = statistics.fmean(t), statistics.fmean(o)
-            print(f"| {test} | {batch} | {args.dtype} | {tm:,.1f} | {om:,.1f} | {om / tm:.2f}x |", flush=True)
+            print(f"| {test} | {batch} | {tm:,.1f} | {om:,.1f} | {om / tm:.2f}x |", flush=True)
     from mamba_core.benchmark import environment
 
     print("\n_" + ", ".join(f"{k} {v}" for k, v in environment(torch.device("cpu")).items()) + f", {time.strftime('%Y-%m-%d')}_")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import resource
+import tempfile
 from pathlib import Path
 
 import torch
 
 from mamba_core.api import load_tokenizer
+from mamba_core.documents import DataFile
 from mamba_core.evaluation import Protocol, evaluate, limit_units, make_units
 from mamba_core.loading import load_model
 from mamba_core.tokenizer import Tokenizer
@@ -39,8 +41,11 @@ def main() -> None:
     else:
         loaded = load_model("tiny-wikitext", backend=args.backend, device=args.device)
         tokenizer = load_tokenizer(loaded)
-    text = WIKI.read_text(encoding="utf-8") * args.repeat
-    units = make_units(Protocol("exact"), tokenizer, [[text]])
+    data = WIKI
+    if args.repeat > 1:
+        data = Path(tempfile.mkdtemp()) / "repeated.txt"
+        data.write_text(WIKI.read_text(encoding="utf-8") * args.repeat, encoding="utf-8")
+    units = make_units(Protocol("exact"), tokenizer, [DataFile(str(data))])
     if args.limit:
         units = limit_units(units, args.limit)
     result = evaluate(loaded.model, units, 1, chunk_size=args.chunk_size)

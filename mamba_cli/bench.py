@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -72,6 +73,7 @@ def bench(
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Batch sizes (comma list).")] = "1",
     dtype: Annotated[str, typer.Option("--dtype", help="Comma list of auto, float32, bfloat16, float16.")] = "auto",
     backend: Annotated[str, typer.Option("--backend", help="Comma list of backends (auto, torch, ...).")] = "auto",
+    quantize: Annotated[str, typer.Option("--quantize", help="Comma list of none, int8 (weight-only int8).")] = "none",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Timed runs per test (after one warm-up).")] = 5,
     threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads (0: torch's default).")] = 0,
@@ -99,23 +101,22 @@ def bench(
     dev = resolve_device(device)
     interactive = sys.stderr.isatty()
     rows = []
-    for dt in dtype.split(","):
-        for be in backend.split(","):
-            start = time.perf_counter()
-            loaded = load_model(model, dtype=dt, device=dev, revision=revision, backend=be, random_if_no_weights=True)
-            load_s = time.perf_counter() - start
-            m = loaded.model
-            if loaded.layout == "random" and not rows:
-                err(f"note: {model} has no weights; using seeded random weights (figures are for speed only)")
-            for case in cases:
-                if interactive:
-                    err(f"running {case.test} batch {case.batch} {dt} {be} ...")
-                row = run_case(m, case, repetitions)
-                row.update(model=Path(model).name if loaded.layout != "random" else f"{Path(model).name} (random)",
-                           params=m.num_parameters(), backend=m.backend, device=str(m.device),
-                           dtype=str(m.dtype).replace("torch.", ""), setup_s=load_s + row.pop("warmup_s"))
-                rows.append(row)
-            del loaded, m
+    for dt, be, quant in itertools.product(dtype.split(","), backend.split(","), quantize.split(",")):
+        start = time.perf_counter()
+        loaded = load_model(model, dtype=dt, device=dev, revision=revision, backend=be, random_if_no_weights=True, quantize=quant)
+        load_s = time.perf_counter() - start
+        m = loaded.model
+        if loaded.layout == "random" and not rows:
+            err(f"note: {model} has no weights; using seeded random weights (figures are for speed only)")
+        for case in cases:
+            if interactive:
+                err(f"running {case.test} batch {case.batch} {dt} {be} {quant} ...")
+            row = run_case(m, case, repetitions)
+            row.update(model=Path(model).name if loaded.layout != "random" else f"{Path(model).name} (random)",
+                       params=m.num_parameters(), backend=m.backend, device=str(m.device),
+                       dtype=str(m.dtype).replace("torch.", "") + ("+int8" if m.quantization else ""), setup_s=load_s + row.pop("warmup_s"))
+            rows.append(row)
+        del loaded, m
     env = environment(dev)
     commit = _git_commit()
     footer = ", ".join(f"{k} {v}" for k, v in env.items()) + (f", commit {commit}" if commit else "")

@@ -31,6 +31,9 @@ TokenizerOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="Ops backend: auto, or torch (the plain-torch reference).")]
+QuantizeOpt = Annotated[
+    str, typer.Option("--quantize", help="none, or int8: weight-only int8 (per-channel scales) for in_proj, out_proj and the embeddings/head.")
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load time, token counts and speeds to stderr.")]
 DEFAULT_MODEL = "state-spaces/mamba-130m-hf"
 
@@ -113,7 +116,7 @@ class Stopwatch:
         return elapsed
 
 
-def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str, verbose: bool):
+def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str, verbose: bool, quantize: str = "none"):
     """Load model and tokenizer for a command; with -v, say what was loaded and how long it took."""
     from mamba_core.api import load_tokenizer
     from mamba_core.loading import load_model
@@ -126,12 +129,12 @@ def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str,
             raise MambaUsageError(f"MAMBA_NUM_THREADS={threads!r} must be a positive integer")
         torch.set_num_threads(int(threads))
     watch = Stopwatch()
-    loaded = load_model(model, dtype=dtype, device=device, revision=revision, backend=backend)
+    loaded = load_model(model, dtype=dtype, device=device, revision=revision, backend=backend, quantize=quantize)
     tok = load_tokenizer(loaded, tokenizer)
     if verbose:
         m = loaded.model
         err(
             f"load: {watch.lap():.2f} s  model {model} ({loaded.layout} layout, {m.num_parameters():,} params) "
-            f"dtype {str(m.dtype).replace('torch.', '')} device {m.device} backend {m.backend}"
+            f"dtype {str(m.dtype).replace('torch.', '')}{' weights int8' if m.quantization else ''} device {m.device} backend {m.backend}"
         )
     return loaded, tok

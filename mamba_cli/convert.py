@@ -18,6 +18,8 @@ EXAMPLES = """Examples:
   mamba convert ./mamba-130m-hf mamba-130m-q8.gguf --to gguf --gguf-type Q8_0
 
   mamba convert mamba-130m.gguf ./back-to-hf --dtype bfloat16 --max-shard-size 200MB
+
+  mamba convert ./mamba-130m-hf ./mamba-130m-int8 --quantize int8
 """
 
 
@@ -32,6 +34,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Reload OUT and compare probe logits with SRC.")] = True,
     keep_fp32: Annotated[str, typer.Option("--keep-fp32", help="Also keep these in float32 when casting: conv, norm (comma list).")] = "",
+    quantize: Annotated[str, typer.Option("--quantize", help="none, or int8: store in_proj, out_proj and the embeddings as int8 with per-channel scales (hf only).")] = "none",
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
 ) -> None:
@@ -43,5 +46,5 @@ def convert(
     if gguf_type is not None and (to != "gguf" or gguf_type not in GGUF_TYPES):
         raise MambaUsageError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)} and needs --to gguf")
     run(src, out, to=to, dtype=dtype, force=force, revision=revision, tokenizer=tokenizer, max_shard_size=max_shard_size,
-        gguf_type=gguf_type, verify=verify, keep_fp32=tuple(p for p in keep_fp32.split(",") if p), report=err)
+        gguf_type=gguf_type, verify=verify, keep_fp32=tuple(p for p in keep_fp32.split(",") if p), quantize=quantize, report=err)
     print(out, flush=True)

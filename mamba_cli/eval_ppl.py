@@ -17,6 +17,7 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
+    QuantizeOpt,
     RevisionOpt,
     TokenizerOpt,
     VerboseOpt,
@@ -39,13 +40,13 @@ EXAMPLES = """Examples:
 
 
 def _progress(total: int):
-    """A rich progress bar on stderr when it is a terminal; else nothing (returns None)."""
+    """A progress bar over the text's bytes on stderr when it is a terminal; else nothing (None)."""
     if not sys.stderr.isatty():
         return None, None
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("eval"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tokens"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    bar = Progress(TextColumn("eval"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     task = bar.add_task("eval", total=total)
     return bar, lambda n: bar.advance(task, n)
 
@@ -98,13 +99,14 @@ def eval_ppl(
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """Perplexity of a model on text: exact by default (every token with all text before it)."""
     from mamba_core.documents import read_data_file
-    from mamba_core.evaluation import Protocol, count_text, evaluate, limit_units, make_units, text_size
+    from mamba_core.evaluation import Protocol, evaluate, limit_units, make_units
     from mamba_core.loading import load_model
 
     from .common import load
@@ -124,15 +126,12 @@ def eval_ppl(
     else:
         protocol = Protocol("window" if window else "exact", window or 0, bos=not no_bos)
     files = [read_data_file(name, text_field) for name in data]
-    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose)
+    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose, quantize)
     base = load_model(kl_base, dtype=kl_base_dtype, device=loaded.model.device, backend=backend).model if kl_base else None
-    documents = [f.documents for f in files]
-    units = make_units(protocol, tok, documents)
+    units = make_units(protocol, tok, files)
     if limit_tokens:
         units = limit_units(units, limit_tokens)
-    if not units:
-        raise MambaUsageError("nothing to score: the data is shorter than one unit (try a smaller --ctx or --window)")
-    bar, advance = _progress(sum(len(u.ids) - 1 for u in units))
+    bar, advance = _progress(sum(f.text_bytes for f in files))
     if bar is not None:
         bar.start()
     try:
@@ -140,12 +139,11 @@ def eval_ppl(
     finally:
         if bar is not None:
             bar.stop()
-    count_text(units, documents, result.files)
-    result.total.bytes = sum(s.bytes for s in result.files)
-    result.total.words = sum(s.words for s in result.files)
+    if not result.total.tokens:
+        raise MambaUsageError("nothing to score: the data is shorter than one unit (try a smaller --ctx or --window)")
     report = {
         "model": {"name": model, "path": str(loaded.path), "revision": revision},
-        "data": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes, "documents": len(f.documents), "words": sum(text_size(d)[1] for d in f.documents)} for f in files],
+        "data": [{"path": f.path, "sha256": f.sha256, "bytes": f.bytes, "documents": f.documents, "words": f.words} for f in files],
         "protocol": {"name": protocol.name, "params": {**protocol.params(), "chunk_size": chunk_size, "batch_size": batch_size, "limit_tokens": limit_tokens}},
         **result.total.report(),
         "tokens_processed": result.tokens_processed,

@@ -19,6 +19,7 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
+    QuantizeOpt,
     RevisionOpt,
     TokenizerOpt,
     VerboseOpt,
@@ -117,6 +118,7 @@ def generate(
     revision: RevisionOpt = None,
     tokenizer: TokenizerOpt = None,
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
     verbose: VerboseOpt = False,
@@ -134,7 +136,7 @@ def generate(
     sampling = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
     batch = read_prompts_file(prompts_file) if prompts_file is not None else None
     text_prompt = None if batch else read_prompt(prompt)
-    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose)
+    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose, quantize)
     prompts = [p for _, p in batch] if batch else [text_prompt]
     gen = Generation(loaded.model, tok, prompts, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), ignore_eos=ignore_eos)
     out = sys.stdout

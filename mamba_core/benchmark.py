@@ -40,8 +40,8 @@ class BenchCase:
 
 
 def weight_bytes(model: MambaForCausalLM) -> int:
-    """Bytes of all unique parameters (what one decode step reads)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of all unique parameters and int8 weights with their scales (what a decode step reads)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def matmul_params(model: MambaForCausalLM) -> int:

@@ -50,6 +50,7 @@ class MambaConfig:
     tie_word_embeddings: bool = True
     intermediate_size: int | None = None  # always expand * hidden_size, as in transformers
     torch_dtype: str | None = None  # the dtype the weights are stored in, when known
+    quantization_config: dict | None = None  # {"quant_method": "mamba-int8", ...} for int8 checkpoints
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +87,10 @@ class MambaConfig:
         for key in ("use_bias", "use_conv_bias", "residual_in_fp32", "tie_word_embeddings"):
             if not isinstance(getattr(self, key), bool):
                 raise MambaError(f"config key '{key}' must be true or false, found {getattr(self, key)!r}")
+        quant = self.quantization_config
+        if quant is not None and (not isinstance(quant, dict) or quant.get("quant_method") != "mamba-int8"):
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise MambaError(f"config key 'quantization_config' has quant_method {method!r}: only 'mamba-int8' (from `mamba convert --quantize int8`) is supported")
         if self.torch_dtype is not None and self.torch_dtype not in _DTYPES:
             raise MambaError(f"config key 'torch_dtype' must be one of {', '.join(_DTYPES)}, found {self.torch_dtype!r}")
 
@@ -148,6 +153,8 @@ class MambaConfig:
         """The Hugging Face `config.json` content (all MambaConfig keys)."""
         data = dataclasses.asdict(self)
         data["torch_dtype"] = self.torch_dtype or "float32"
+        if data["quantization_config"] is None:
+            del data["quantization_config"]  # its presence alone means "quantized" to transformers
         return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **data}
 
     def to_original_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from .config import MambaConfig
 from .errors import MambaError, MambaUsageError
 from .loading import build_model, read_state_dict, resolve_model_dir
+from .quantize import QUANTIZATION_CONFIG, quantize_model_
 from .tokenizer import find_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,14 +63,15 @@ _FP32_PARTS = {"conv": ("conv1d.weight", "conv1d.bias"), "norm": ("norm.weight",
 
 
 def _cast_state(model: torch.nn.Module, dtype: torch.dtype, tied: bool, keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The model's tensors in the output dtype; A_log and D (and the parts in keep_fp32) float32."""
+    """The model's tensors in the output dtype; A_log, D, int8 scales (and keep_fp32 parts) float32, int8 as is."""
     suffixes = tuple(s for part in keep_fp32 for s in _FP32_PARTS[part])
     out = {}
     for name, p in model.state_dict().items():
-        if tied and name == "lm_head.weight":
+        if tied and name.startswith("lm_head."):
             continue
         keep = name.rsplit(".", 1)[-1] in _FP32_ALWAYS or name.endswith(suffixes)
-        out[name] = p.detach().to(torch.float32 if keep else dtype).contiguous()
+        target = p.dtype if not p.is_floating_point() or name.endswith("weight_scale") else torch.float32 if keep else dtype
+        out[name] = p.detach().to(target).contiguous()
     return out
 
 
@@ -131,11 +133,21 @@ def convert(
     gguf_type: str | None = None,
     verify: bool = True,
     keep_fp32: tuple[str, ...] = (),
+    quantize: str = "none",
     report: Callable[[str], None] = lambda s: None,
 ) -> float | None:
-    """Convert SRC to OUT in format `to`; returns the verified max |logit difference| (or None)."""
+    """Convert SRC to OUT in format `to`; returns the verified max |logit difference| (or None).
+
+    With quantize="int8" the HF checkpoint holds int8 weights (quantize.py); verification then
+    checks what was written against the quantized model, and the report also gives the
+    quantization's own logit difference from SRC.
+    """
     if to not in ("hf", "orig", "gguf"):
         raise MambaUsageError(f"--to {to!r} is unknown; choose hf, orig or gguf")
+    if quantize not in ("none", "int8"):
+        raise MambaUsageError(f"--quantize {quantize!r} is unknown; choose none or int8")
+    if quantize == "int8" and to != "hf":
+        raise MambaUsageError("--quantize int8 writes the hf layout only (for GGUF use --gguf-type Q8_0)")
     if dtype not in DTYPES:
         raise MambaUsageError(f"--dtype {dtype!r} is unknown; choose float32, bfloat16 or float16")
     unknown = set(keep_fp32) - set(_FP32_PARTS)
@@ -149,6 +161,13 @@ def convert(
     config, state, tok = load_source(src, revision, tokenizer)
     source_model = build_model(config, state, torch.float32, torch.device("cpu"), Path(src))  # validates names/shapes
     expected = probe_logits(source_model) if verify else None
+    if quantize == "int8" and not source_model.quantization:
+        quantize_model_(source_model)
+        config.quantization_config = dict(QUANTIZATION_CONFIG)
+        if verify:
+            quantized = probe_logits(source_model)
+            report(f"int8: max |logit difference| {(quantized - expected).abs().max().item():.3g} from the unquantized source on the probe")
+            expected = quantized
     cast = _cast_state(source_model, DTYPES[dtype], config.tie_word_embeddings, keep_fp32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -1,38 +1,38 @@
 """Perplexity: exact (whole documents through the carried state), windows, llama.cpp's protocol.
 
-A protocol turns documents into *units*: token rows that each start from a fresh state, with the
-range of positions whose tokens are scored. Scoring feeds the units in chunks of `chunk_size`
-tokens, carrying the conv and SSM state between chunks, so memory does not grow with document
-length and the result does not depend on the chunk size. Units are batched by right-padding:
-the model is causal, so padding after a row's end never changes that row's scores.
+A protocol turns documents into *units*: token rows that each start from a fresh state, scored
+from a given position on. Units are produced lazily and a unit's tokens are a stream: scoring
+reads each row `chunk_size` tokens at a time, carrying the conv and SSM state between chunks, so
+neither the text, its tokens nor the model's memory grow with document length, and the result
+does not depend on the chunk size. Units are batched by right-padding: the model is causal, so
+padding after a row's end never changes that row's scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-import re
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .documents import DataFile
 from .errors import MambaUsageError
 from .model import MambaForCausalLM
+from .token_stream import TokenReader, Tokens, document_tokens, rows
 from .tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
 class Unit:
-    """One row from a fresh state: ids[t] is scored for t in [first, end) (from logits at t - 1)."""
+    """One row from a fresh state: its tokens, read once; positions >= first are scored."""
 
-    ids: torch.Tensor  # (l,) int32
+    tokens: Iterable[Tokens]
     first: int
-    end: int
     file: int  # which data file
-    doc: int  # which document of that file
-    spans: torch.Tensor  # (l, 2) character span of each token in the document ((0, 0) for BOS)
 
 
 def _exp(x: float) -> float:
@@ -53,11 +53,14 @@ class Stats:
     bytes: int = 0
     words: int = 0
 
-    def add(self, nll: torch.Tensor) -> None:
+    def add(self, nll: torch.Tensor, scored: Tokens) -> None:
+        """Add the NLLs (k,) of the `scored` tokens, and the text they account for."""
         nll = nll.double()
         self.tokens += nll.numel()
         self.nll_sum += nll.sum().item()
         self.nll_sq_sum += nll.square().sum().item()
+        self.bytes += int(scored.nbytes.sum())
+        self.words += int(scored.words.sum())
 
     def report(self) -> dict:
         """The figures people compare: ppl (+/- as llama.cpp prints it), bits/byte, word ppl."""
@@ -97,82 +100,41 @@ class Protocol:
         return {"ctx": self.window, "chunks": self.chunks or None, "scored_per_chunk": self.window - 1 - self.window // 2}
 
 
-def make_units(protocol: Protocol, tokenizer: Tokenizer, files: list[list[str]]) -> list[Unit]:
-    """Tokenize every document and cut it into units as the protocol says."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    bos_id, bos_span = torch.tensor([bos], dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32)
-    units: list[Unit] = []
-    for f, documents in enumerate(files):
+def make_units(protocol: Protocol, tokenizer: Tokenizer, files: list[DataFile]) -> Iterator[Unit]:
+    """Cut every document into units as the protocol says, lazily, tokenizing as it goes."""
+    bos = Tokens.special(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0)
+    for f, data in enumerate(files):
         taken = 0
-        for d, text in enumerate(documents):
+        for pieces in data.texts():
             if protocol.name == "llama-cpp":
-                ids, spans = tokenizer.encode_document(text, add_special_tokens=True)
-                n = protocol.window
-                for start in range(0, len(ids) - n + 1, n):
-                    if protocol.chunks and taken >= protocol.chunks:
+                for row in rows(document_tokens(tokenizer, pieces, add_special_tokens=True), protocol.window):
+                    if len(row) < protocol.window or (protocol.chunks and taken >= protocol.chunks):
                         break
-                    row = ids[start : start + n].clone()
                     if tokenizer.adds_bos:
-                        row[0] = bos
-                    units.append(Unit(row, n // 2 + 1, n, f, d, spans[start : start + n]))
+                        row = Tokens.cat([bos, row[1:]])
+                    yield Unit([row], protocol.window // 2 + 1, f)
                     taken += 1
-                continue
-            ids, spans = tokenizer.encode_document(text)
-            step = protocol.window if protocol.name == "window" else max(len(ids), 1)
-            for start in range(0, len(ids), step):
-                row, row_spans = ids[start : start + step], spans[start : start + step]
-                if protocol.bos:
-                    row, row_spans = torch.cat([bos_id, row]), torch.cat([bos_span, row_spans])
-                if len(row) > 1:
-                    units.append(Unit(row, 1, len(row), f, d, row_spans))
-    return units
-
-
-def limit_units(units: list[Unit], limit: int) -> list[Unit]:
-    """Keep units until `limit` tokens are scored, cutting the last one short."""
-    kept, total = [], 0
-    for unit in units:
-        if total >= limit:
-            break
-        take = min(unit.end - unit.first, limit - total)
-        unit.end = unit.first + take
-        unit.ids = unit.ids[: unit.end]
-        kept.append(unit)
-        total += take
-    return kept
-
-
-def count_text(units: list[Unit], files: list[list[str]], totals: list[Stats]) -> None:
-    """Bytes and words of the text the scored tokens cover, per file (spans merged per document)."""
-    covered: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for u in units:
-        spans = u.spans[u.first : u.end]
-        spans = spans[spans[:, 1] > spans[:, 0]]
-        if len(spans):
-            covered.setdefault((u.file, u.doc), []).append((int(spans[0, 0]), int(spans[-1, 1])))
-    for (f, d), spans in covered.items():
-        spans.sort()
-        merged = [list(spans[0])]
-        for start, end in spans[1:]:
-            if start <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], end)
+            elif protocol.name == "window":
+                for row in rows(document_tokens(tokenizer, pieces), protocol.window):
+                    yield Unit([Tokens.cat([bos, row]) if protocol.bos else row], 1, f)
             else:
-                merged.append([start, end])
-        for start, end in merged:
-            nbytes, nwords = text_size(files[f][d], start, end)
-            totals[f].bytes += nbytes
-            totals[f].words += nwords
+                tokens = document_tokens(tokenizer, pieces)
+                yield Unit(itertools.chain([bos], tokens) if protocol.bos else tokens, 1, f)
 
 
-_WORD = re.compile(r"\S+")
+def limit_units(units: Iterable[Unit], limit: int) -> Iterator[Unit]:
+    """Keep units, in order, until `limit` tokens are scored, cutting the last one short.
 
-
-def text_size(text: str, start: int = 0, end: int | None = None, block: int = 1 << 20) -> tuple[int, int]:
-    """UTF-8 bytes and whitespace-separated words of text[start:end], in constant extra memory."""
-    end = len(text) if end is None else end
-    nbytes = sum(len(text[i : min(i + block, end)].encode("utf-8")) for i in range(start, end, block))
-    nwords = sum(1 for _ in _WORD.finditer(text, start, end))
-    return nbytes, nwords
+    Each kept unit is read ahead only up to the tokens it may still score, so memory is bounded
+    by the limit, not by the documents.
+    """
+    left = limit
+    for unit in units:
+        if left <= 0:
+            break
+        taken = TokenReader(unit.tokens).window(0, unit.first + left)
+        left -= max(len(taken) - unit.first, 0)
+        yield Unit([taken], unit.first, unit.file)
 
 
 @dataclasses.dataclass
@@ -203,55 +165,59 @@ class EvalResult:
 
 def evaluate(
     model: MambaForCausalLM,
-    units: list[Unit],
+    units: Iterable[Unit],
     n_files: int,
     chunk_size: int = 2048,
     batch_size: int = 1,
     base: MambaForCausalLM | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Score every unit; per-file and total statistics (and KL against `base` if given)."""
+    """Score every unit; per-file and total statistics (and KL against `base` if given).
+
+    `progress` is called after each chunk with the bytes of text it consumed.
+    """
     if chunk_size <= 0 or batch_size <= 0:
         raise MambaUsageError("--chunk-size and --batch-size must be positive")
     files = [Stats() for _ in range(n_files)]
     kl = KLStats() if base is not None else None
     started, processed = time.perf_counter(), 0
-    for i in range(0, len(units), batch_size):
-        batch = units[i : i + batch_size]
+    units = iter(units)
+    while batch := list(itertools.islice(units, batch_size)):
         processed += _score_batch(model, base, batch, chunk_size, files, kl, progress)
     total = Stats()
     for s in files:
-        total.tokens += s.tokens
-        total.nll_sum += s.nll_sum
-        total.nll_sq_sum += s.nll_sq_sum
+        for field in ("tokens", "nll_sum", "nll_sq_sum", "bytes", "words"):
+            setattr(total, field, getattr(total, field) + getattr(s, field))
     return EvalResult(files, total, kl, time.perf_counter() - started, processed)
 
 
 def _score_batch(model, base, batch: list[Unit], chunk_size: int, files: list[Stats], kl: KLStats | None, progress) -> int:
     """Feed one batch of units chunk by chunk; add each row's scored NLLs to its file's stats."""
-    length = max(len(u.ids) for u in batch)
+    readers = [TokenReader(u.tokens) for u in batch]
     caches = [m.make_cache(len(batch)) if m is not None else None for m in (model, base)]
-    for start in range(0, length - 1, chunk_size):
-        end = min(start + chunk_size, length - 1)  # inputs [start, end) predict ids [start+1, end+1)
-        ids = torch.zeros(len(batch), end + 1 - start, dtype=torch.long)  # this chunk only: (b, c + 1)
-        for row, unit in enumerate(batch):
-            piece = unit.ids[start : end + 1]  # right-padded with 0 past a row's end (never scored)
-            ids[row, : len(piece)] = piece
+    processed = 0
+    for start in itertools.count(0, chunk_size):
+        pieces = [r.window(start, start + chunk_size + 1) for r in readers]  # inputs and the next targets
+        width = max(len(p) for p in pieces)  # c + 1
+        if width <= 1:
+            break
+        ids = torch.zeros(len(batch), width, dtype=torch.long)  # (b, c + 1), right-padded with 0 (never scored)
+        for row, piece in enumerate(pieces):
+            ids[row, : len(piece)] = piece.ids
         ids = ids.to(model.device)
         logits = model(ids[:, :-1], caches[0])  # (b, c, vocab) float32
-        targets = ids[:, 1:]  # (b, c)
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (b, c)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, c)
         base_logits = base(ids[:, :-1], caches[1]) if base is not None else None
-        for row, unit in enumerate(batch):
-            lo, hi = max(unit.first, start + 1) - start - 1, min(unit.end, end + 1) - start - 1
-            if hi <= lo:
-                continue
-            files[unit.file].add(nll[row, lo:hi])
-            if kl is not None:
-                _add_kl(kl, logits[row, lo:hi], base_logits[row, lo:hi])
+        for row, (unit, piece) in enumerate(zip(batch, pieces)):
+            lo, hi = max(unit.first - start - 1, 0), len(piece) - 1  # targets start + 1 + [lo, hi) are scored
+            if hi > lo:
+                files[unit.file].add(nll[row, lo:hi], piece[lo + 1 : hi + 1])
+                if kl is not None:
+                    _add_kl(kl, logits[row, lo:hi], base_logits[row, lo:hi])
+        processed += len(batch) * (width - 1)
         if progress is not None:
-            progress(len(batch) * (end - start))
-    return len(batch) * (length - 1)
+            progress(sum(int(p.nbytes[1:].sum()) for p in pieces))
+    return processed
 
 
 def _add_kl(kl: KLStats, logits: torch.Tensor, base_logits: torch.Tensor) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .ops.reference import TorchOps
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _CACHE: dict[str, object] = {}
 
@@ -61,7 +63,7 @@ def _cached(kind: str, loader, build: bool):
 
 def load_cpu(build: bool = True):
     """The compiled CPU module; builds it if needed (and allowed). Raises RuntimeError with the reason."""
-    return _cached("cpu", lambda b: _compile("cpu", [CSRC / "cpu" / "mamba_cpu.cpp"], _cpu_signature(), b,
+    return _cached("cpu", lambda b: _compile("cpu", [CSRC / "cpu" / "mamba_cpu.cpp", CSRC / "cpu" / "linear_cpu.cpp"], _cpu_signature(), b,
                                              {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast"]}), build)
 
 
@@ -75,7 +77,7 @@ def load_cuda(build: bool = True):
             raise RuntimeError("this torch build has no CUDA support")
         major, minor = torch.cuda.get_device_capability()
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # build for this GPU only: fast
-        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh"]
+        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh", CSRC / "cuda" / "fused_kernels.cuh"]
         return _compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda}", b,
                         {"extra_cuda_cflags": ["-O3", "-std=c++17"], "extra_cflags": ["-O3"]}, label=f"sm_{major}{minor}")
 
@@ -111,8 +113,8 @@ def _compile(kind: str, sources: list[Path], target: str, build: bool, flags: di
         raise RuntimeError(f"building the {kind.upper()} kernels failed ({first[:200]})") from None
 
 
-class _KernelOps:
-    """A compiled backend: same interface and numerics as `ops.reference.TorchOps`."""
+class _KernelOps(TorchOps):
+    """A compiled backend: same interface and numerics as `ops.reference.TorchOps` (its fallback)."""
 
     name = "kernels"
 
@@ -129,6 +131,12 @@ class CpuKernelOps(_KernelOps):
     """The compiled CPU backend (softplus of the step sizes in torch, the rest in csrc/cpu)."""
 
     name = "cpu-kernels"
+    gemv_rows = 16  # up to this many rows of x, bf16/int8 products use the matrix-vector kernel
+
+    def linear(self, x, weight, bias=None, scale=None):
+        if weight.dtype in (torch.bfloat16, torch.int8) and x.numel() <= self.gemv_rows * x.shape[-1]:
+            return self.module.linear_lowp(x, weight, bias, scale)
+        return super().linear(x, weight, bias, scale)
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
@@ -147,6 +155,17 @@ class CudaKernelOps(_KernelOps):
         if ssm_state is None:
             ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
         return self.module.selective_scan(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
+
+    def add_rms_norm(self, x, residual, weight, eps, residual_fp32, cast_input=True):
+        if weight.dtype != x.dtype:
+            return super().add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
+        normed, s = self.module.add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
+        return normed, s
+
+    def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state):
+        if A.shape[1] not in (1, 2, 4, 8, 16, 32) or dt_weight.dtype != u.dtype:
+            return super().decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state)
+        return self.module.decode_step(u, dt_low, dt_weight, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
 
 
 def cuda_backend(device) -> CudaKernelOps:

@@ -19,6 +19,7 @@ import torch
 from .config import MambaConfig
 from .errors import MambaError, MambaUsageError
 from .model import MambaForCausalLM
+from .quantize import quantize_model_
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"tiny-wikitext": ASSETS / "tiny-wikitext"}
@@ -177,9 +178,10 @@ def _read_original(file: Path) -> dict[str, torch.Tensor]:
 
 def check_state_dict(model: MambaForCausalLM, state: dict[str, torch.Tensor], source: Path) -> None:
     """Every expected tensor present with the expected shape, nothing unexpected; else name them."""
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: the embedding is the head
+    tied = ("lm_head.weight", "lm_head.weight_scale") if model.config.tie_word_embeddings else ()
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+    for name in tied:
+        state.pop(name, None)  # tied: the embedding is the head
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -195,21 +197,31 @@ def check_state_dict(model: MambaForCausalLM, state: dict[str, torch.Tensor], so
             raise MambaError(f"{source}: tensor {name} has shape {list(found)}, expected {list(shape)} from config.json")
 
 
-def build_model(config: MambaConfig, state: dict[str, torch.Tensor] | None, dtype: torch.dtype, device: torch.device, source: Path) -> MambaForCausalLM:
-    """A model whose parameters are the given tensors (cast/moved once), or random if state is None."""
+def build_model(config: MambaConfig, state: dict[str, torch.Tensor] | None, dtype: torch.dtype, device: torch.device,
+                source: Path, quantize: str | None = None) -> MambaForCausalLM:
+    """A model whose parameters are the given tensors (cast/moved once), or random if state is None.
+
+    A checkpoint written with int8 weights loads as such; `quantize="int8"` quantizes any other
+    model after loading, from its stored precision.
+    """
     if state is None:
         with torch.device(device):  # random init straight on the target device
             model = MambaForCausalLM(config)
     else:
         with torch.device("meta"):
             model = MambaForCausalLM(config)
+            if config.quantization_config is not None:
+                quantize_model_(model, quantize_values=False)
         check_state_dict(model, state, source)
         bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             warnings.warn(f"{source}: tensor(s) {', '.join(bad[:3])} contain NaN or inf values; outputs will be meaningless")
         model.load_state_dict(state, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.backbone.embeddings.weight
+        model.tie_weights()
+    if quantize not in (None, "none") and not model.quantization:
+        if quantize != "int8":
+            raise MambaUsageError(f"--quantize {quantize!r} is unknown; choose int8 (or none)")
+        quantize_model_(model)
     model.to(device)
     model.cast_(dtype)
     return model.eval()
@@ -222,8 +234,11 @@ def load_model(
     revision: str | None = None,
     backend: str = "auto",
     random_if_no_weights: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Resolve `name`, read its config and weights, and return the model ready to run.
+
+    `quantize="int8"` stores in_proj, out_proj and the embeddings/head as int8 (see quantize.py).
 
     With `random_if_no_weights`, a directory holding only a config.json gives a model with
     seeded random weights (layout "random"): right for speed measurements, useless for text.
@@ -236,7 +251,7 @@ def load_model(
         from .gguf_io import read_gguf
 
         config, state, tokenizer_json = read_gguf(Path(name))
-        model = build_model(config, state, torch_dtype, dev, Path(name))
+        model = build_model(config, state, torch_dtype, dev, Path(name), quantize)
         model.set_backend(backend)
         return LoadedModel(model=model, path=Path(name), name=name, revision=None, layout="gguf", tokenizer_json=tokenizer_json)
     path = resolve_model_dir(name, revision, allow_config_only=random_if_no_weights)
@@ -244,9 +259,9 @@ def load_model(
     layout = detect_layout(path)
     if layout == "none" and random_if_no_weights:
         torch.manual_seed(0)
-        model = build_model(config, None, torch_dtype, dev, path)
+        model = build_model(config, None, torch_dtype, dev, path, quantize)
         layout = "random"
     else:
-        model = build_model(config, read_state_dict(path), torch_dtype, dev, path)
+        model = build_model(config, read_state_dict(path), torch_dtype, dev, path, quantize)
     model.set_backend(backend)
     return LoadedModel(model=model, path=path, name=name, revision=revision, layout=layout)

@@ -36,21 +36,31 @@ def _skip_init_on_meta(cls: type) -> type:
     return type(cls.__name__, (cls,), {"reset_parameters": reset_parameters})
 
 
-Linear, Conv1d, Embedding = (_skip_init_on_meta(c) for c in (nn.Linear, nn.Conv1d, nn.Embedding))
+Conv1d, Embedding = (_skip_init_on_meta(c) for c in (nn.Conv1d, nn.Embedding))
+
+
+class Linear(_skip_init_on_meta(nn.Linear)):
+    """nn.Linear computed by the ops backend (which has a fast matrix-vector product for decode)."""
+
+    ops = get_ops("torch")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class MambaRMSNorm(nn.Module):
-    """RMSNorm computed in float32, as transformers' MambaRMSNorm."""
+    """RMSNorm in float32 as transformers' MambaRMSNorm, fused with the residual add before it."""
+
+    ops = get_ops("torch")
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(self.weight.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, residual_fp32: bool, cast_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); see `TorchOps.add_rms_norm`."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.variance_epsilon, residual_fp32, cast_input)
 
 
 class MambaMixer(nn.Module):
@@ -92,13 +102,20 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
         x = self.ops.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state)
         dt, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan in fp32
-        y = self.ops.selective_scan(x, dt, self.A(), B, C, self.D, z, self.dt_proj.bias, ssm_state)
+        if x.shape[1] == 1 and ssm_state is not None:  # decoding: dt_proj and the scan step fused where possible
+            y = self.ops.decode_step(x, dt, self.dt_proj.weight, self.A(), B, C, self.D, z, self.dt_proj.bias, ssm_state)
+        else:
+            dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan in fp32
+            y = self.ops.selective_scan(x, dt, self.A(), B, C, self.D, z, self.dt_proj.bias, ssm_state)
         return self.out_proj(y)
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), the residual kept in fp32 if configured."""
+    """Pre-norm residual block: s = residual + x; returns (mixer(norm(s)), s).
+
+    The same arithmetic as transformers' `s + mixer(norm(s))`, with the add moved into the next
+    norm so that one fused op does both (the residual stays float32 if configured).
+    """
 
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
@@ -106,10 +123,9 @@ class MambaBlock(nn.Module):
         self.norm = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = MambaMixer(config, layer_idx)
 
-    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
-        residual = hidden.float() if self.residual_in_fp32 else hidden
-        out = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), cache)
-        return residual + out
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cache: MambaCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, residual = self.norm(x, residual, self.residual_in_fp32)
+        return self.mixer(normed, cache), residual
 
 
 class MambaModel(nn.Module):
@@ -122,12 +138,14 @@ class MambaModel(nn.Module):
         self.norm_f = MambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        hidden = self.embeddings(input_ids)  # (b, l, h)
+        hidden = self.embeddings(input_ids).to(self.norm_f.weight.dtype)  # (b, l, h); int8 tables give float32
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cache)
+            hidden, residual = layer(hidden, residual, cache)
         if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return self.norm_f(hidden)
+            hidden, residual = hidden[:, -logits_to_keep:], residual[:, -logits_to_keep:]
+        fp32 = self.layers[0].residual_in_fp32
+        return self.norm_f(hidden, residual, fp32, cast_input=False)[0]  # the final norm reads the sum unrounded
 
 
 class MambaForCausalLM(nn.Module):
@@ -138,17 +156,25 @@ class MambaForCausalLM(nn.Module):
         self.config = config
         self.backbone = MambaModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
         self.backend = "torch"
+        self.quantization: str | None = None  # "int8" after quantize.quantize_model_
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With tied embeddings, make the head use the embedding table (and its int8 scales)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+            if self.quantization:
+                self.lm_head.weight_scale = self.backbone.embeddings.weight_scale
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.embeddings.weight.device
+        return self.backbone.norm_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.embeddings.weight.dtype
+        """The compute dtype (int8 weights, when quantized, are widened to it)."""
+        return self.backbone.norm_f.weight.dtype
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
@@ -160,7 +186,7 @@ class MambaForCausalLM(nn.Module):
         hidden = self.backbone(input_ids, cache, logits_to_keep)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return self.lm_head(hidden.to(self.dtype)).float()
 
     def make_cache(self, batch_size: int = 1) -> MambaCache:
         """An empty cache on this model's device, conv state in the model dtype, SSM state fp32."""
@@ -168,11 +194,15 @@ class MambaForCausalLM(nn.Module):
 
     def set_backend(self, name: str = "auto") -> str:
         """Choose the ops backend ('auto', 'torch' or a compiled one); returns the name in use."""
-        ops = get_ops(name, self.device)
-        for layer in self.backbone.layers:
-            layer.mixer.ops = ops
-        self.backend = ops.name
+        self.use_ops(get_ops(name, self.device))
         return self.backend
+
+    def use_ops(self, ops: object) -> None:
+        """Route every layer that computes through the ops layer (mixers, linears) to `ops`."""
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
+        self.backend = ops.name
 
     def cast_(self, dtype: torch.dtype) -> "MambaForCausalLM":
         """Cast to `dtype` in place, keeping A_log and D in float32 (better than the reference)."""
@@ -183,8 +213,9 @@ class MambaForCausalLM(nn.Module):
         return self
 
     def num_parameters(self) -> int:
-        """Unique parameter count (tied embeddings counted once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Unique weight count (tied embeddings counted once; int8 weights included)."""
+        weights = [*self.parameters(), *(b for b in self.buffers() if b.dtype == torch.int8)]  # no duplicates
+        return sum(t.numel() for t in weights)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "auto", revision: str | None = None, backend: str = "auto") -> "MambaForCausalLM":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from .errors import MambaError
 
@@ -37,33 +38,35 @@ class Tokenizer:
         """Token ids of `text`, special tokens added only if the tokenizer's post-processor does."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_document(self, text: str, add_special_tokens: bool = False, block_chars: int = 1 << 16) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Ids (n,) and character spans (n, 2) of a long text, as compact int32 tensors.
+    def encode_stream(self, pieces: Iterable[str], add_special_tokens: bool = False, block_chars: int = 1 << 16) -> Iterator[tuple[str, list[int], list[tuple[int, int]]]]:
+        """Encode a long text given as pieces, block by block: (block text, ids, character spans).
 
         With a GPT-2-style byte-level pre-tokenizer (every Mamba tokenizer), the text is encoded in
         blocks of about `block_chars` characters, cut only where that pre-tokenizer always splits
         the same way: after a newline followed by a space and a non-space (the space belongs to
         the next word), or between a non-space, a newline and a non-space. The ids then equal a
-        single encode (tested on WikiText-2 with both shipped tokenizers), while the tokenizer's
-        temporary memory (hundreds of bytes per token) stays bounded however long the text is.
+        single encode (tested on WikiText-2 with both shipped tokenizers), while neither the text
+        nor the tokenizer's temporary memory (hundreds of bytes per token) grows with its length.
         Other pre-tokenizers get one encode of the whole text.
         """
-        import torch
-
         blockwise = _byte_level_regex(self._tok.pre_tokenizer)
-        ids, spans, pos = [], [], 0
-        while True:
-            end = min(pos + block_chars, len(text)) if blockwise else len(text)
-            if end < len(text):
-                match = _SAFE_CUT.search(text, end)
-                end = match.end() if match else len(text)
-            encoding = self._tok.encode(text[pos:end], add_special_tokens=add_special_tokens and pos == 0)
-            ids.append(torch.tensor(encoding.ids, dtype=torch.int32))  # int32: 4 bytes a token, kept per document
-            spans.append(torch.tensor(encoding.offsets, dtype=torch.int32).reshape(-1, 2) + pos)
-            pos = end
-            if pos >= len(text):
-                break
-        return torch.cat(ids), torch.cat(spans)
+        buffer, searched, first = "", block_chars, True
+        for piece in pieces:
+            buffer += piece
+            while blockwise and len(buffer) > block_chars:
+                match = _SAFE_CUT.search(buffer, searched)
+                if match is None:
+                    searched = max(len(buffer) - 2, block_chars)  # the lookahead may need the next piece
+                    break
+                block, buffer, searched = buffer[: match.end()], buffer[match.end() :], block_chars
+                yield self._encode_block(block, add_special_tokens and first)
+                first = False
+        if buffer or first:
+            yield self._encode_block(buffer, add_special_tokens and first)
+
+    def _encode_block(self, text: str, add_special_tokens: bool) -> tuple[str, list[int], list[tuple[int, int]]]:
+        encoding = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return text, encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Encode many texts at once (parallel inside `tokenizers`)."""

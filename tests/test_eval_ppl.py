@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from conftest import WIKITEXT
 from mamba_cli.app import app
-from mamba_core.evaluation import Protocol, evaluate, make_units
+from mamba_core.documents import DataFile
+from mamba_core.evaluation import Protocol, Unit, evaluate, make_units
+from mamba_core.token_stream import Tokens
 
 runner = CliRunner()
 TEXT = WIKITEXT.read_text(encoding="utf-8")
@@ -56,19 +58,20 @@ def test_window_reproduces_reference_figure():
 def _reference_nll(reference, units):
     total = 0.0
     for unit in units:
+        ids = unit.tokens[0].ids.long()
         with torch.no_grad():
-            logits = reference(unit.ids[None].long()).logits[0]
-        nll = torch.nn.functional.cross_entropy(logits[:-1], unit.ids[1:].long(), reduction="none")
-        total += nll[unit.first - 1 : unit.end - 1].double().sum().item()
+            logits = reference(ids[None]).logits[0]
+        nll = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")
+        total += nll[unit.first - 1 :].double().sum().item()
     return total
 
 
 @pytest.mark.parametrize("protocol", [Protocol("window", 100), Protocol("llama-cpp", 128, chunks=3, bos=False), Protocol("exact")])
-def test_protocols_match_transformers(tiny, tiny_tokenizer, reference, protocol):
-    units = make_units(protocol, tiny_tokenizer, [[SHORT]])
+def test_protocols_match_transformers(tiny, tiny_tokenizer, reference, protocol, short_file):
+    units = [Unit([Tokens.cat(list(u.tokens))], u.first, u.file) for u in make_units(protocol, tiny_tokenizer, [DataFile(str(short_file))])]
     if protocol.name == "llama-cpp":
-        assert len(units) == 3 and all(u.end - u.first == 128 - 1 - 64 for u in units)
-        assert units[1].ids.tolist() == tiny_tokenizer.encode(SHORT, add_special_tokens=False)[128:256]  # no BOS: NeoX-style
+        assert len(units) == 3 and all(len(u.tokens[0]) - u.first == 128 - 1 - 64 for u in units)
+        assert units[1].tokens[0].ids.tolist() == tiny_tokenizer.encode(SHORT, add_special_tokens=False)[128:256]  # no BOS: NeoX-style
     ours = evaluate(tiny.model, units, 1, chunk_size=37, batch_size=2).total.nll_sum
     assert abs(ours - _reference_nll(reference, units)) <= 1e-5 * abs(ours)
 
@@ -160,8 +163,6 @@ def test_memory_does_not_grow_with_document_length(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the document's text and token ids (12 bytes a token) are held in memory: "
-                          "+117 MiB for 10 MB; needs streaming tokenization (issue 6)", strict=False)
 def test_memory_flat_on_a_10_megabyte_document(tmp_path):
     """A 10 MB document (WikiText-2 test x 8) peaks no higher than its first tenth (within 10%)."""
     big, tenth = tmp_path / "big.txt", tmp_path / "tenth.txt"

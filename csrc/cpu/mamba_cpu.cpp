@@ -175,7 +175,11 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
     return y;
 }
 
+// linear_cpu.cpp
+torch::Tensor linear_lowp(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CPU)");
     m.def("causal_conv1d", &causal_conv1d, "causal depthwise conv + SiLU with carried state (CPU)");
+    m.def("linear_lowp", &linear_lowp, "x @ W^T for a few rows of x, W bfloat16 or int8 with scales (CPU)");
 }

@@ -15,6 +15,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "fused_kernels.cuh"
 #include "mamba_kernels.cuh"
 
 namespace {
@@ -93,6 +94,14 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(x.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
+        if (length == 1) {  // decoding: output and state update in one kernel
+            switch (kernel) {
+                case 2: conv_step_kernel<T, 2><<<grid_state, threads, 0, stream>>>(a); break;
+                case 3: conv_step_kernel<T, 3><<<grid_state, threads, 0, stream>>>(a); break;
+                default: conv_step_kernel<T, 4><<<grid_state, threads, 0, stream>>>(a); break;
+            }
+            return;
+        }
         switch (kernel) {
             case 2: conv_kernel<T, 2><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 2><<<grid_state, threads, 0, stream>>>(a); break;
             case 3: conv_kernel<T, 3><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 3><<<grid_state, threads, 0, stream>>>(a); break;
@@ -103,7 +112,88 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
     return y;
 }
 
+// (normed, s): s = residual + x (float32 when residual_fp32, else x's dtype; x alone when residual
+// is None), normed = weight * rmsnorm(s), with transformers' roundings (see fused_kernels.cuh).
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
+                                        bool residual_fp32, bool cast_input) {
+    TORCH_CHECK(x.is_cuda() && weight.scalar_type() == x.scalar_type(), "x must be a CUDA tensor with the norm weight's dtype");
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int64_t h = x.size(-1), rows = x.numel() / h;
+    auto xc = x.contiguous();
+    auto res_type = residual_fp32 ? torch::kFloat : x.scalar_type();
+    torch::Tensor rc;
+    if (residual.has_value()) {
+        TORCH_CHECK(residual->scalar_type() == res_type && residual->sizes() == x.sizes(), "residual must match x's shape, in the residual dtype");
+        rc = residual->contiguous();
+    }
+    auto out = torch::empty_like(xc);
+    auto res_out = torch::empty(xc.sizes(), xc.options().dtype(res_type));
+    auto stream = at::cuda::getCurrentCUDAStream();
+    auto wc = weight.contiguous();
+    dispatch(x.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        auto launch = [&](auto rzero) {
+            using R = decltype(rzero);
+            add_rms_norm_kernel<T, R><<<rows, kNormThreads, 0, stream>>>(
+                static_cast<const T*>(xc.data_ptr()), residual.has_value() ? static_cast<const R*>(rc.data_ptr()) : nullptr,
+                static_cast<const T*>(wc.data_ptr()), static_cast<T*>(out.data_ptr()), static_cast<R*>(res_out.data_ptr()),
+                static_cast<int>(h), static_cast<float>(eps), cast_input);
+        };
+        if (residual_fp32) launch(0.0f); else launch(zero);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, res_out};
+}
+
+// y (b, 1, d) of one decode step: dt = dt_low (b, 1, r) @ dt_weight (d, r)^T, then the scan step
+// from `state` (b, d, n) float32, updated in place. n must be a power of two <= 32.
+torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor dt_weight, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                          c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
+                          torch::Tensor state) {
+    check_last(u, "u"); check_last(dt_low, "dt_low"); check_last(B, "B"); check_last(C, "C");
+    TORCH_CHECK(u.size(1) == 1, "decode_step takes one token");
+    const auto type = u.scalar_type();
+    TORCH_CHECK(dt_low.scalar_type() == type && dt_weight.scalar_type() == type && B.scalar_type() == type && C.scalar_type() == type,
+                "u, dt_low, dt_weight, B and C must share a dtype");
+    TORCH_CHECK(dt_weight.dim() == 2 && dt_weight.stride(1) == 1, "dt_weight must be (d, r) with unit stride on r");
+    TORCH_CHECK(state.scalar_type() == torch::kFloat && state.is_contiguous() && A.scalar_type() == torch::kFloat && A.is_contiguous(),
+                "A and state must be contiguous float32");
+    const c10::cuda::CUDAGuard guard(u.device());
+    const int batch = u.size(0), dim = u.size(2), nstate = A.size(1);
+    auto y = torch::empty({batch, 1, dim}, u.options());
+    torch::Tensor Df = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
+    torch::Tensor bf = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    if (z.has_value()) { check_last(*z, "z"); TORCH_CHECK(z->scalar_type() == type, "z must have u's dtype"); }
+    StepArgs a{u.data_ptr(), dt_low.data_ptr(), dt_weight.data_ptr(), B.data_ptr(), C.data_ptr(), z.has_value() ? z->data_ptr() : nullptr,
+               A.data_ptr<float>(), D.has_value() ? Df.data_ptr<float>() : nullptr, delta_bias.has_value() ? bf.data_ptr<float>() : nullptr,
+               state.data_ptr<float>(), y.data_ptr(),
+               u.stride(0), dt_low.stride(0), B.stride(0), C.stride(0), z.has_value() ? z->stride(0) : 0, dt_weight.stride(0),
+               dim, static_cast<int>(dt_low.size(2))};
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch(type, [&](auto zero) {
+        using T = decltype(zero);
+        auto launch = [&](auto n) {
+            constexpr int N = decltype(n)::value;
+            const dim3 grid(batch, (dim + 128 / N - 1) / (128 / N));
+            decode_step_kernel<T, N><<<grid, 128, 0, stream>>>(a);
+        };
+        switch (nstate) {
+            case 1: launch(std::integral_constant<int, 1>()); break;
+            case 2: launch(std::integral_constant<int, 2>()); break;
+            case 4: launch(std::integral_constant<int, 4>()); break;
+            case 8: launch(std::integral_constant<int, 8>()); break;
+            case 16: launch(std::integral_constant<int, 16>()); break;
+            case 32: launch(std::integral_constant<int, 32>()); break;
+            default: TORCH_CHECK(false, "decode_step supports state sizes 1, 2, 4, 8, 16 and 32");
+        }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
+    m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CUDA)");
     m.def("causal_conv1d", &causal_conv1d, "causal depthwise conv + SiLU with carried state (CUDA)");
 }

@@ -7,7 +7,7 @@ Layouts are channels-last, the order the projections produce: u, delta, z (b, l,
 A backend is an object with three methods (see `reference.TorchOps`):
   causal_conv1d(x, weight, bias, conv_state) -> y         prompt chunk, SiLU applied, state updated
   selective_scan(u, delta, A, B, C, D, z, delta_bias, ssm_state) -> y   state updated in place
-  decode_step(x, dt, B, C, z, weight, bias, A, D, delta_bias, conv_state, ssm_state) -> y
+  linear(x, weight, bias, scale) -> y                     projections; int8 weights with scales
 Compiled backends (csrc/) are listed here with the device type they run on and chosen by `get_ops`; the plain-torch backend is
 the reference every other backend is tested against, and the fallback everywhere.
 """

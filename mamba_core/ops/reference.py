@@ -33,6 +33,47 @@ class TorchOps:
 
     name = "torch"
 
+    def linear(
+        self,
+        x: torch.Tensor,  # (..., in)
+        weight: torch.Tensor,  # (out, in): the model dtype, or int8 with `scale`
+        bias: torch.Tensor | None = None,  # (out,)
+        scale: torch.Tensor | None = None,  # (out,) float32 scales of an int8 weight
+    ) -> torch.Tensor:
+        """x @ weight.T + bias; an int8 weight is dequantized (q * scale, per output row) first."""
+        if scale is not None:
+            weight = (weight.float() * scale[:, None]).to(x.dtype)  # (out, in)
+        return F.linear(x, weight, bias)
+
+    def add_rms_norm(
+        self,
+        x: torch.Tensor,  # (..., h) a block's output
+        residual: torch.Tensor | None,  # (..., h) the residual stream before it; None for the first block
+        weight: torch.Tensor,  # (h,)
+        eps: float,
+        residual_fp32: bool,
+        cast_input: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight * rmsnorm(s), s) with s = residual + x, the pre-norm block's add and norm.
+
+        As transformers: s is float32 when residual_fp32; the norm reads s rounded to the weight's
+        dtype (cast_input, every block's norm) or as it is (the final norm), computes in float32,
+        and rounds before and after the multiply by the weight.
+        """
+        s = x if residual is None else residual + x
+        if residual_fp32:
+            s = s.float()
+        xf = (s.to(weight.dtype) if cast_input else s).float()
+        normed = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype)
+        return normed, s
+
+    def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state) -> torch.Tensor:
+        """One token's SSM part after the conv: dt = dt_low @ dt_weight.T, then the scan step.
+
+        u, z (b, 1, d); dt_low (b, 1, r); B, C (b, 1, n). A backend may fuse all of it.
+        """
+        return self.selective_scan(u, F.linear(dt_low, dt_weight), A, B, C, D, z, delta_bias, ssm_state)
+
     def causal_conv1d(
         self,
         x: torch.Tensor,  # (b, l, d)

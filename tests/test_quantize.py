@@ -1,0 +1,85 @@
+"""Low-precision weights on the CPU: the matrix-vector kernel, int8 quantization, its checkpoints and quality."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import WIKITEXT, rel_err
+from mamba_cli.app import app
+from mamba_core.kernels import cpu_backend
+from mamba_core.loading import load_model
+from mamba_core.quantize import quantize_tensor
+
+kernels = cpu_backend("cpu")
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("n, k, rows", [(1, 16, 1), (37, 29, 1), (100, 128, 3), (4099, 770, 5), (64, 1536, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_kernel_matches_float64(n, k, rows, bias):
+    g = torch.Generator().manual_seed(n + k + rows)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
+    b = b if bias else None
+    q, scale = quantize_tensor(w)
+    dequantized = q.double() * scale.double()[:, None]
+    want = x.double() @ dequantized.T + (b.double() if bias else 0)
+    assert rel_err(kernels.module.linear_lowp(x, q, b, scale), want) <= 1e-6
+    wb = w.bfloat16()
+    want = x.double() @ wb.double().T + (b.double() if bias else 0)
+    assert rel_err(kernels.module.linear_lowp(x, wb, b, None), want) <= 1e-6
+    got = kernels.module.linear_lowp(x.bfloat16()[None], wb, b, None)  # bf16 activations, leading dims kept
+    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, n)
+    assert rel_err(got[0].float(), x.bfloat16().double() @ wb.double().T + (b.double() if bias else 0)) <= 1e-2
+
+
+def test_quantize_tensor_error_is_half_a_step():
+    w = torch.randn(300, 77) * torch.logspace(-3, 2, 300)[:, None]  # rows of very different scales
+    q, scale = quantize_tensor(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and scale.shape == (300,)
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] * 0.5 + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_model_kernels_match_torch_path(dtype):
+    ids = torch.randint(0, 2048, (2, 40), generator=torch.Generator().manual_seed(3))
+    plain = load_model("tiny-wikitext", backend="torch", quantize="int8", dtype=dtype).model
+    fast = load_model("tiny-wikitext", backend="cpu-kernels", quantize="int8", dtype=dtype).model
+    assert fast.quantization == "int8" and fast.lm_head.weight is fast.backbone.embeddings.weight
+    caches = plain.make_cache(2), fast.make_cache(2)
+    want, got = plain(ids, caches[0]), fast(ids, caches[1])  # prefill: torch matmuls on both
+    assert rel_err(got, want) <= (1e-5 if dtype == "float32" else 2e-2)
+    step = ids[:, :1]
+    want, got = plain(step, caches[0]), fast(step, caches[1])  # decode: the int8 kernel
+    assert rel_err(got, want) <= (1e-5 if dtype == "float32" else 2e-2)
+
+
+def test_int8_quality_on_the_fixture(tmp_path):
+    """KL(fp32 || int8) per token and top-1 agreement over 20,000 WikiText tokens."""
+    result = runner.invoke(app, ["eval-ppl", "-m", "tiny-wikitext", "--quantize", "int8", "--kl-base", "tiny-wikitext",
+                                 "--data", str(WIKITEXT), "--limit-tokens", "20000", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert 0 < report["kl"]["kl_mean"] < 2e-3 and report["kl"]["top1_agreement"] > 0.95  # measured: 6.7e-4, 97.5%
+
+
+def test_convert_quantize_int8_round_trip(tmp_path):
+    out = tmp_path / "q8"
+    result = runner.invoke(app, ["convert", "tiny-wikitext", str(out), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mamba-int8"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("backbone.layers.0.mixer.in_proj.weight").dtype == torch.int8
+        assert f.get_tensor("backbone.embeddings.weight_scale").dtype == torch.float32
+        assert "lm_head.weight" not in f.keys()  # tied to the embeddings
+    ids = torch.randint(0, 2048, (1, 30), generator=torch.Generator().manual_seed(5))
+    loaded = load_model(str(out)).model
+    in_memory = load_model("tiny-wikitext", quantize="int8").model
+    assert loaded.quantization == "int8" and torch.equal(loaded(ids), in_memory(ids))
+    assert runner.invoke(app, ["convert", "tiny-wikitext", str(tmp_path / "o"), "--quantize", "int8", "--to", "orig"]).exit_code == 2
+    assert runner.invoke(app, ["generate", "-m", "tiny-wikitext", "--quantize", "int4", "hi"]).exit_code == 2
