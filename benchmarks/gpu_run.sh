@@ -10,15 +10,15 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+( cd benchmarks && python3 scan_variants.py --splits ${SPLITS:-4,8,16} > "../$OUT/scan-variants.md" 2>&1 ) &  # builds in parallel
 ( time python3 -m mamba_cli kernels build ) 2>&1 | tee "$OUT/build.txt"
 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/pytest.txt"
 python3 benchmarks/scan_microbench.py 2>&1 | tee "$OUT/scan.txt"
+wait
 C=benchmarks/configs
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 --backend torch,auto -p 2048 -g 128 -b 1 -r 3 2>&1 | tee "$OUT/bench-130m-b1.md"
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 -p 2048 -g 128 -b 8,64 -r 3 2>&1 | tee "$OUT/bench-130m-b8-64.md"
-python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 -p 0 -g 128 -d 4096 -b 1 -r 3 2>&1 | tee "$OUT/bench-130m-depth.md"
 for size in 1.4b 2.8b; do
   python3 -m mamba_cli bench -m $C/mamba-$size-hf --dtype bfloat16 -p 2048 -g 128 -b 1,8 -r 3 2>&1 | tee "$OUT/bench-$size.md"
 done
 python3 -m mamba_cli eval-ppl -m tiny-wikitext --device cuda --dtype bfloat16 --kl-base tiny-wikitext --data tests/fixtures/wikitext-2-raw/wiki.test.raw --json --batch-size 8 2>&1 | tail -c 1500 | tee "$OUT/kl.json"
-python3 -m mamba_cli eval-ppl -m tiny-wikitext --device cuda --dtype float32 --data tests/fixtures/wikitext-2-raw/wiki.test.raw --window 1024 --batch-size 8 2>&1 | tee "$OUT/window.txt"

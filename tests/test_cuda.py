@@ -79,6 +79,41 @@ def test_conv(kernels, kernel, length):
     assert rel_err(got, expected) <= 1e-6 and torch.equal(state, ref_state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual_fp32", [True, False])
+@pytest.mark.parametrize("first, cast_input", [(True, True), (False, True), (False, False)])
+def test_add_rms_norm_matches_torch(kernels, dtype, residual_fp32, first, cast_input):
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(3, 5, 770, device="cuda", generator=g).to(dtype)
+    residual = None if first else torch.randn(3, 5, 770, device="cuda", generator=g).to(torch.float32 if residual_fp32 else dtype)
+    weight = (torch.rand(770, device="cuda", generator=g) + 0.5).to(dtype)
+    want = TorchOps().add_rms_norm(x, residual, weight, 1e-5, residual_fp32, cast_input)
+    got = kernels.add_rms_norm(x, residual, weight, 1e-5, residual_fp32, cast_input)
+    assert got[1].dtype == want[1].dtype and torch.equal(got[1], want[1])  # the sum: exactly torch's
+    assert got[0].dtype == dtype and rel_err(got[0].float(), want[0].double()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("n", [16, 4, 1, 12])  # 12: not a power of two, the unfused fallback
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_matches_float64(kernels, n, dtype):
+    b, d, r = 5, 200, 13
+    x = _inputs(b, 1, d, n, seed=n)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    low = torch.randn(b, 1, r + 2 * n, device="cuda", dtype=torch.float64, generator=g)  # as x_proj's output
+    weight = torch.randn(d, r, device="cuda", dtype=torch.float64, generator=g) / 4
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    lowc, w = cast(low), cast(weight)
+    delta = torch.nn.functional.linear(lowc[..., :r], w).double()  # the unfused path rounds dt_proj's output to the dtype
+    u, z = x["xz"].chunk(2, dim=-1)
+    want, h_want = sequential_scan(cast(u).double(), delta, x["A"], lowc[..., r : r + n].double(), lowc[..., r + n :].double(),
+                                   x["D"], cast(z).double(), x["bias"], x["h0"])
+    uc, zc = cast(x["xz"]).chunk(2, dim=-1)
+    state = x["h0"].float().contiguous()
+    y = kernels.decode_step(uc, lowc[..., :r], w, x["A"].float(), lowc[..., r : r + n], lowc[..., r + n :], x["D"].float(), zc, x["bias"].float(), state)
+    assert rel_err(state, h_want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(y.float(), want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_model_logits_and_greedy_match_cpu(tiny):
     gpu = load_model("tiny-wikitext", dtype="float32", device="cuda", backend="cuda-kernels").model
     assert gpu.backend == "cuda-kernels"

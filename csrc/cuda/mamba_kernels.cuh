@@ -6,7 +6,10 @@
 
 namespace mamba {
 
-constexpr int kSplit = 4;      // threads per channel, each holding a quarter of its n states
+#ifndef MAMBA_SCAN_SPLIT
+#define MAMBA_SCAN_SPLIT 4  // benchmarks/scan_variants.py builds other values to compare
+#endif
+constexpr int kSplit = MAMBA_SCAN_SPLIT;  // threads per channel, each holding n / kSplit of its states
 constexpr int kThreads = 128;  // threads per block
 constexpr int kChannels = kThreads / kSplit;  // channels per block
 constexpr int kChunk = 32;     // time steps staged in shared memory at once
