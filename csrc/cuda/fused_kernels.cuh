@@ -59,9 +59,9 @@ __global__ void conv_step_kernel(ConvArgs a) {
 #pragma unroll
     for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
     win[K - 1] = to_f(x[c]);
-    float acc = a.bias ? a.bias[c] : 0.0f;
+    float acc = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
 #pragma unroll
-    for (int j = 0; j < K; j++) acc += win[j] * a.w[(int64_t)c * K + j];
+    for (int j = 0; j < K; j++) acc += win[j] * to_f(static_cast<const T*>(a.w)[(int64_t)c * K + j]);
     static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>(silu(acc));
 #pragma unroll
     for (int j = 0; j < K; j++) st[j] = from_f<T>(win[j]);
@@ -69,7 +69,8 @@ __global__ void conv_step_kernel(ConvArgs a) {
 
 struct StepArgs {
     const void *u, *dt_low, *dt_weight, *B, *C, *z;
-    const float *A, *D, *delta_bias;
+    const float *A, *D;
+    const void* delta_bias;  // (d,) in the inputs' dtype
     float* state;
     void* y;
     int64_t u_sb, dl_sb, b_sb, c_sb, z_sb, w_s0;
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     for (int j = lane; j < a.rank; j += N) acc += to_f(dl[j]) * to_f(w[j]);
 #pragma unroll
     for (int off = N / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, N);
-    const float dt = softplus(to_f(from_f<T>(acc)) + (a.delta_bias ? a.delta_bias[c] : 0.0f));
+    const float dt = softplus(to_f(from_f<T>(acc)) + (a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f));
     const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
     float* st = a.state + ((int64_t)b * a.dim + c) * N + lane;
     const float Bv = to_f(static_cast<const T*>(a.B)[b * a.b_sb + lane]);

@@ -54,10 +54,10 @@ torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor
     TORCH_CHECK(nstate <= 64, "state size above 64 is not supported by the CUDA scan");
     auto y = torch::empty({batch, length, dim}, u.options());
     torch::Tensor Df = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
-    torch::Tensor bf = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    torch::Tensor bf = delta_bias.has_value() ? delta_bias->to(u.scalar_type()).contiguous() : torch::Tensor();  // no copy when already so
     if (z.has_value()) { check_last(*z, "z"); TORCH_CHECK(z->scalar_type() == u.scalar_type(), "z must have u's dtype"); }
     ScanArgs a{u.data_ptr(), delta.data_ptr(), B.data_ptr(), C.data_ptr(), z.has_value() ? z->data_ptr() : nullptr,
-               A.data_ptr<float>(), D.has_value() ? Df.data_ptr<float>() : nullptr, delta_bias.has_value() ? bf.data_ptr<float>() : nullptr,
+               A.data_ptr<float>(), D.has_value() ? Df.data_ptr<float>() : nullptr, delta_bias.has_value() ? bf.data_ptr() : nullptr,
                state.data_ptr<float>(), y.data_ptr(),
                u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
                z.has_value() ? z->stride(0) : 0, z.has_value() ? z->stride(1) : 0, length, dim, nstate};
@@ -84,10 +84,10 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
     const c10::cuda::CUDAGuard guard(x.device());
     const int batch = x.size(0), length = x.size(1), dim = x.size(2), kernel = weight.size(1);
     TORCH_CHECK(kernel >= 2 && kernel <= 4, "the CUDA conv supports kernel sizes 2..4");
-    auto w = weight.to(torch::kFloat).contiguous();
-    torch::Tensor bf = bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    auto w = weight.to(x.scalar_type()).contiguous();  // no copies when the model's dtype already (every decode step)
+    torch::Tensor bf = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : torch::Tensor();
     auto y = torch::empty({batch, length, dim}, x.options());
-    ConvArgs a{x.data_ptr(), w.data_ptr<float>(), bias.has_value() ? bf.data_ptr<float>() : nullptr, conv_state.data_ptr(), y.data_ptr(),
+    ConvArgs a{x.data_ptr(), w.data_ptr(), bias.has_value() ? bf.data_ptr() : nullptr, conv_state.data_ptr(), y.data_ptr(),
                x.stride(0), x.stride(1), length, dim, kernel};
     const int threads = 128;
     const dim3 grid(batch, (dim + threads - 1) / threads, (length + kConvSteps - 1) / kConvSteps), grid_state(batch, (dim + threads - 1) / threads);
@@ -162,10 +162,10 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     const int batch = u.size(0), dim = u.size(2), nstate = A.size(1);
     auto y = torch::empty({batch, 1, dim}, u.options());
     torch::Tensor Df = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
-    torch::Tensor bf = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    torch::Tensor bf = delta_bias.has_value() ? delta_bias->to(u.scalar_type()).contiguous() : torch::Tensor();  // no copy when already so
     if (z.has_value()) { check_last(*z, "z"); TORCH_CHECK(z->scalar_type() == type, "z must have u's dtype"); }
     StepArgs a{u.data_ptr(), dt_low.data_ptr(), dt_weight.data_ptr(), B.data_ptr(), C.data_ptr(), z.has_value() ? z->data_ptr() : nullptr,
-               A.data_ptr<float>(), D.has_value() ? Df.data_ptr<float>() : nullptr, delta_bias.has_value() ? bf.data_ptr<float>() : nullptr,
+               A.data_ptr<float>(), D.has_value() ? Df.data_ptr<float>() : nullptr, delta_bias.has_value() ? bf.data_ptr() : nullptr,
                state.data_ptr<float>(), y.data_ptr(),
                u.stride(0), dt_low.stride(0), B.stride(0), C.stride(0), z.has_value() ? z->stride(0) : 0, dt_weight.stride(0),
                dim, static_cast<int>(dt_low.size(2))};

@@ -46,7 +46,8 @@ __device__ __forceinline__ float exp_decay(float x) {
 
 struct ScanArgs {
     const void *u, *delta, *B, *C, *z;
-    const float *A, *D, *delta_bias;
+    const float *A, *D;
+    const void* delta_bias;  // (d,) in the inputs' dtype, as the model stores it
     float* state;
     void* y;
     int64_t u_sb, u_sl, d_sb, d_sl, b_sb, b_sl, c_sb, c_sl, z_sb, z_sl;
@@ -105,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
             const int i = threadIdx.x + k * kThreads, t = i / kChannels, cg = min(c0 + i % kChannels, a.dim - 1);
             const int64_t tt = min(t0 + t, a.length - 1);
             ru[k] = to_f(u[tt * a.u_sl + cg]);
-            rd[k] = to_f(delta[tt * a.d_sl + cg]) + (a.delta_bias ? a.delta_bias[cg] : 0.0f);
+            rd[k] = to_f(delta[tt * a.d_sl + cg]) + (a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[cg]) : 0.0f);
             rz[k] = z ? to_f(z[tt * a.z_sl + cg]) : 0.0f;
         }
         __syncthreads();  // ... then wait until the previous chunk is consumed, and stage this one
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
 
 struct ConvArgs {
     const void* x;
-    const float *w, *bias;
+    const void *w, *bias;  // (d, k) and (d,) in x's dtype, as the model stores them
     void* state;
     void* y;
     int64_t x_sb, x_sl;
@@ -181,11 +182,11 @@ __global__ void conv_kernel(ConvArgs a) {
     float w[K], win[K];
 #pragma unroll
     for (int j = 0; j < K; j++) {
-        w[j] = a.w[(int64_t)c * K + j];
+        w[j] = to_f(static_cast<const T*>(a.w)[(int64_t)c * K + j]);
         const int t = t0 - K + j;  // the K inputs before t0; the state holds times -K..-1
         win[j] = t >= 0 ? to_f(x[(int64_t)t * a.x_sl + c]) : to_f(st[K + t]);
     }
-    const float bias = a.bias ? a.bias[c] : 0.0f;
+    const float bias = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
     const int t1 = min(a.length, t0 + kConvSteps);
     for (int t = t0; t < t1; t++) {
 #pragma unroll
