@@ -114,6 +114,19 @@ def test_decode_step_matches_float64(kernels, n, dtype):
     assert rel_err(y.float(), want) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, n, k, bias", [(1, 3072, 768, False), (3, 80, 1536, False), (8, 769, 64, True), (1, 50280, 768, False)])
+def test_gemv_matches_float64(kernels, dtype, rows, n, k, bias):
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(rows, 1, k, device="cuda", generator=g).to(dtype)
+    w = torch.randn(n, k, device="cuda", generator=g).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    got = kernels.linear(x, w, b)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.shape == (rows, 1, n) and got.dtype == dtype
+    assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_model_logits_and_greedy_match_cpu(tiny):
     gpu = load_model("tiny-wikitext", dtype="float32", device="cuda", backend="cuda-kernels").model
     assert gpu.backend == "cuda-kernels"

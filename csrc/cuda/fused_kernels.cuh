@@ -79,35 +79,82 @@ struct StepArgs {
 
 // One decode step of a layer's SSM after the conv: dt = dt_low . dt_weight[c] (rounded to T, as the
 // unfused path's matmul output is), softplus(dt + bias), the state update, the output with the D
-// skip and the SiLU gate. N (the state size, a power of two <= 32) lanes per channel, one state
-// each, so state reads and writes are coalesced; dt's dot product and the output's sum over states
-// are shared out over those lanes and combined with shuffles.
-template <typename T, int N>
+// skip and the SiLU gate. L lanes per channel (a power of two dividing 32), each holding N / L
+// consecutive states of it, so state reads and writes are coalesced; dt's dot product and the
+// output's sum over states are shared out over those lanes and combined with shuffles.
+template <typename T, int N, int L>
 __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
-    constexpr int kPerBlock = 128 / N;
-    const int b = blockIdx.x, lane = threadIdx.x % N;
-    const int c_wanted = blockIdx.y * kPerBlock + threadIdx.x / N;
+    constexpr int kPerBlock = 128 / L, S = N / L;
+    const int b = blockIdx.x, lane = threadIdx.x % L;
+    const int c_wanted = blockIdx.y * kPerBlock + threadIdx.x / L;
     const bool active = c_wanted < a.dim;
     const int c = min(c_wanted, a.dim - 1);  // idle groups compute a duplicate and write nothing (shuffles need every lane)
     const T* dl = static_cast<const T*>(a.dt_low) + b * a.dl_sb;
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
     float acc = 0.0f;
-    for (int j = lane; j < a.rank; j += N) acc += to_f(dl[j]) * to_f(w[j]);
+    for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);
 #pragma unroll
-    for (int off = N / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, N);
+    for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, L);
     const float dt = softplus(to_f(from_f<T>(acc)) + (a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f));
     const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
-    float* st = a.state + ((int64_t)b * a.dim + c) * N + lane;
-    const float Bv = to_f(static_cast<const T*>(a.B)[b * a.b_sb + lane]);
-    const float Cv = to_f(static_cast<const T*>(a.C)[b * a.c_sb + lane]);
-    const float h = exp_decay(dt * a.A[(int64_t)c * N + lane]) * *st + (dt * u) * Bv;
-    if (active) *st = h;
-    float p = h * Cv;
+    const float du = dt * u;
+    float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
+    const float* Ac = a.A + (int64_t)c * N + lane * S;
+    const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
+    const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb + lane * S;
+    float h[S], p = 0.0f;
 #pragma unroll
-    for (int off = N / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, N);
+    for (int i = 0; i < S; i++) h[i] = st[i];
+#pragma unroll
+    for (int i = 0; i < S; i++) {
+        h[i] = exp_decay(dt * Ac[i]) * h[i] + du * to_f(Bp[i]);
+        p += h[i] * to_f(Cp[i]);
+    }
+    if (active) {
+#pragma unroll
+        for (int i = 0; i < S; i++) st[i] = h[i];
+    }
+#pragma unroll
+    for (int off = L / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, L);
     if (active && lane == 0) {
         const float gate = a.z ? silu(to_f(static_cast<const T*>(a.z)[b * a.z_sb + c])) : 1.0f;
         static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>((p + (a.D ? a.D[c] : 0.0f) * u) * gate);
+    }
+}
+
+// y (m, n) = x (m, k) @ w (n, k)^T (+ bias) for M >= m rows of x (decoding): one warp per output
+// row, 16-byte loads of w and x, float32 accumulation, one rounding. Needs k % (16 / sizeof(T)) == 0
+// and 16-byte aligned rows (checked by the caller).
+template <typename T, int M>
+__global__ void __launch_bounds__(256) gemv_kernel(const T* x, int64_t x_s0, const T* w, const T* bias, T* y, int m, int n, int k) {
+    constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (row >= n) return;  // whole warps only
+    const T* wr = w + (int64_t)row * k;
+    float acc[M] = {};
+    for (int i = lane * V; i < k; i += 32 * V) {
+        const uint4 wv = *reinterpret_cast<const uint4*>(wr + i);
+        const T* wp = reinterpret_cast<const T*>(&wv);
+#pragma unroll
+        for (int r = 0; r < M; r++) {
+            if (r < m) {
+                const uint4 xv = *reinterpret_cast<const uint4*>(x + r * x_s0 + i);
+                const T* xp = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                for (int j = 0; j < V; j++) acc[r] += to_f(xp[j]) * to_f(wp[j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < M; r++) {
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffff, acc[r], off);
+    }
+    if (lane == 0) {
+        const float b = bias ? to_f(bias[row]) : 0.0f;
+#pragma unroll
+        for (int r = 0; r < M; r++)
+            if (r < m) y[(int64_t)r * n + row] = from_f<T>(acc[r] + b);
     }
 }
 

@@ -33,6 +33,17 @@ void dispatch(at::ScalarType type, F f) {
     }
 }
 
+// The scan kernel with the fewest states per thread P (a power of two) that holds per_thread.
+template <typename T, int P>
+void launch_scan(int per_thread, dim3 grid, cudaStream_t stream, const ScanArgs& a) {
+    if constexpr (P * kSplit >= 64) {
+        scan_kernel<T, P><<<grid, kThreads, 0, stream>>>(a);  // n <= 64 is checked by the caller
+    } else {
+        if (per_thread <= P) scan_kernel<T, P><<<grid, kThreads, 0, stream>>>(a);
+        else launch_scan<T, P * 2>(per_thread, grid, stream, a);
+    }
+}
+
 void check_last(const torch::Tensor& t, const char* name) {
     TORCH_CHECK(t.is_cuda() && t.dim() == 3 && t.stride(2) == 1, name, " must be a CUDA (b, l, c) tensor with unit stride on c");
 }
@@ -66,11 +77,7 @@ torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor
     const int per_thread = (nstate + kSplit - 1) / kSplit;
     dispatch(u.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        if (per_thread <= 1) scan_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a);
-        else if (per_thread <= 2) scan_kernel<T, 2><<<grid, kThreads, 0, stream>>>(a);
-        else if (per_thread <= 4) scan_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a);
-        else if (per_thread <= 8) scan_kernel<T, 8><<<grid, kThreads, 0, stream>>>(a);
-        else scan_kernel<T, 16><<<grid, kThreads, 0, stream>>>(a);
+        launch_scan<T, 1>(per_thread, grid, stream, a);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
@@ -173,9 +180,9 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     dispatch(type, [&](auto zero) {
         using T = decltype(zero);
         auto launch = [&](auto n) {
-            constexpr int N = decltype(n)::value;
-            const dim3 grid(batch, (dim + 128 / N - 1) / (128 / N));
-            decode_step_kernel<T, N><<<grid, 128, 0, stream>>>(a);
+            constexpr int N = decltype(n)::value, L = N < 4 ? N : 4;  // 4 lanes per channel (fewer for tiny n)
+            const dim3 grid(batch, (dim + 128 / L - 1) / (128 / L));
+            decode_step_kernel<T, N, L><<<grid, 128, 0, stream>>>(a);
         };
         switch (nstate) {
             case 1: launch(std::integral_constant<int, 1>()); break;
@@ -191,7 +198,41 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     return y;
 }
 
+// y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for at most 8 rows of x, all in one dtype: the
+// matrix-vector products of decoding (cuBLAS picks GEMM tilings that read small matrices slowly).
+torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+    const int64_t k = x.size(-1), n = weight.size(0);
+    auto x2 = x.reshape({-1, k});
+    const int64_t m = x2.size(0);
+    const int vec = 16 / x.element_size();
+    TORCH_CHECK(x.is_cuda() && weight.scalar_type() == x.scalar_type() && weight.is_contiguous() && weight.size(1) == k, "gemv: x (..., k), weight (n, k) contiguous, one dtype");
+    TORCH_CHECK(m <= 8 && k % vec == 0 && x2.stride(1) == 1 && x2.stride(0) % vec == 0 &&
+                reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+                "gemv: at most 8 rows, k a multiple of ", vec, ", 16-byte aligned rows");
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto y = torch::empty({m, n}, x.options());
+    torch::Tensor bc = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : torch::Tensor();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const int blocks = static_cast<int>((n * 32 + 255) / 256);
+    dispatch(x.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        const T* xp = static_cast<const T*>(x2.data_ptr());
+        const T* wp = static_cast<const T*>(weight.data_ptr());
+        const T* bp = bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr;
+        T* yp = static_cast<T*>(y.data_ptr());
+        if (m == 1) gemv_kernel<T, 1><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
+        else if (m <= 2) gemv_kernel<T, 2><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
+        else if (m <= 4) gemv_kernel<T, 4><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
+        else gemv_kernel<T, 8><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto sizes = x.sizes().vec();
+    sizes.back() = n;
+    return y.view(sizes);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("gemv", &gemv, "x @ W^T for at most 8 rows of x (CUDA)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
     m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CUDA)");
