@@ -89,26 +89,35 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const int c_wanted = blockIdx.y * kPerBlock + threadIdx.x / L;
     const bool active = c_wanted < a.dim;
     const int c = min(c_wanted, a.dim - 1);  // idle groups compute a duplicate and write nothing (shuffles need every lane)
+    // Every independent load first, so their latencies overlap with each other and with dt's math.
+    float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
+    const float* Ac = a.A + (int64_t)c * N + lane * S;
+    const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
+    const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb + lane * S;
+    float h[S], Av[S], Bv[S], Cv[S];
+#pragma unroll
+    for (int i = 0; i < S; i++) {
+        h[i] = st[i];
+        Av[i] = Ac[i];
+        Bv[i] = to_f(Bp[i]);
+        Cv[i] = to_f(Cp[i]);
+    }
+    const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
+    const float zv = a.z ? to_f(static_cast<const T*>(a.z)[b * a.z_sb + c]) : 0.0f;
+    const float bias = a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f;
     const T* dl = static_cast<const T*>(a.dt_low) + b * a.dl_sb;
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
     float acc = 0.0f;
     for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);
 #pragma unroll
     for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, L);
-    const float dt = softplus(to_f(from_f<T>(acc)) + (a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f));
-    const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
+    const float dt = softplus(to_f(from_f<T>(acc)) + bias);
     const float du = dt * u;
-    float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
-    const float* Ac = a.A + (int64_t)c * N + lane * S;
-    const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
-    const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb + lane * S;
-    float h[S], p = 0.0f;
-#pragma unroll
-    for (int i = 0; i < S; i++) h[i] = st[i];
+    float p = 0.0f;
 #pragma unroll
     for (int i = 0; i < S; i++) {
-        h[i] = exp_decay(dt * Ac[i]) * h[i] + du * to_f(Bp[i]);
-        p += h[i] * to_f(Cp[i]);
+        h[i] = exp_decay(dt * Av[i]) * h[i] + du * Bv[i];
+        p += h[i] * Cv[i];
     }
     if (active) {
 #pragma unroll
@@ -117,7 +126,7 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
 #pragma unroll
     for (int off = L / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, L);
     if (active && lane == 0) {
-        const float gate = a.z ? silu(to_f(static_cast<const T*>(a.z)[b * a.z_sb + c])) : 1.0f;
+        const float gate = a.z ? silu(zv) : 1.0f;
         static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>((p + (a.D ? a.D[c] : 0.0f) * u) * gate);
     }
 }
@@ -132,7 +141,8 @@ __global__ void __launch_bounds__(256) gemv_kernel(const T* x, int64_t x_s0, con
     if (row >= n) return;  // whole warps only
     const T* wr = w + (int64_t)row * k;
     float acc[M] = {};
-    for (int i = lane * V; i < k; i += 32 * V) {
+#pragma unroll 4
+    for (int i = lane * V; i < k; i += 32 * V) {  // unrolled: several loads in flight per lane
         const uint4 wv = *reinterpret_cast<const uint4*>(wr + i);
         const T* wp = reinterpret_cast<const T*>(&wv);
 #pragma unroll

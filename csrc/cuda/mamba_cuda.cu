@@ -7,8 +7,8 @@
 // with any strides on b and l and unit stride on the last dimension; states are contiguous
 // (b, d, n) float32 and (b, d, k) in the model dtype.
 //
-// Scan: a thread owns one channel and a quarter of its n states (four threads per channel, partial
-// outputs combined with two shuffles) and walks the whole sequence once with the state in
+// Scan: a thread owns one channel and n / kSplit of its states (kSplit = 8 threads per channel,
+// partial outputs summed in shared memory) and walks the whole sequence once with the state in
 // registers; each chunk of kChunk steps of u, dt, z, B and C is first staged in shared memory by
 // the whole block (B and C loaded once per block of channels). All arithmetic is float32.
 #include <torch/extension.h>
