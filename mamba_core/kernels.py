@@ -63,7 +63,7 @@ def _cached(kind: str, loader, build: bool):
 
 def load_cpu(build: bool = True):
     """The compiled CPU module; builds it if needed (and allowed). Raises RuntimeError with the reason."""
-    return _cached("cpu", lambda b: _compile("cpu", [CSRC / "cpu" / "mamba_cpu.cpp", CSRC / "cpu" / "linear_cpu.cpp"], _cpu_signature(), b,
+    return _cached("cpu", lambda b: _compile("cpu", [CSRC / "cpu" / "mamba_cpu.cpp", CSRC / "cpu" / "linear_cpu.cpp", CSRC / "cpu" / "decode_cpu.cpp", CSRC / "cpu" / "vec.h"], _cpu_signature(), b,
                                              {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast"]}), build)
 
 
@@ -106,7 +106,7 @@ def _compile(kind: str, sources: list[Path], target: str, build: bool, flags: di
               file=sys.stderr, flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name=name, sources=[str(s) for s in sources if s.suffix != ".cuh"], build_directory=str(directory),
+        return cpp_extension.load(name=name, sources=[str(s) for s in sources if s.suffix not in (".cuh", ".h")], build_directory=str(directory),
                                   verbose=False, **flags)
     except Exception as exc:  # compiler missing or failing: fall back, saying why
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -126,16 +126,27 @@ class _KernelOps(TorchOps):
             conv_state = x.new_zeros(x.shape[0], x.shape[2], weight.shape[1])
         return self.module.causal_conv1d(x, weight, bias, conv_state)
 
+    def add_rms_norm(self, x, residual, weight, eps, residual_fp32, cast_input=True):
+        if weight.dtype != x.dtype:
+            return super().add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
+        normed, s = self.module.add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
+        return normed, s
+
+    def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state):
+        if dt_weight.dtype != u.dtype:
+            return super().decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state)
+        return self.module.decode_step(u, dt_low, dt_weight, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
+
 
 class CpuKernelOps(_KernelOps):
     """The compiled CPU backend (softplus of the step sizes in torch, the rest in csrc/cpu)."""
 
     name = "cpu-kernels"
-    gemv_rows = 16  # up to this many rows of x, bf16/int8 products use the matrix-vector kernel
+    gemv_rows = 16  # up to this many rows of x, int8 products use the matrix-vector kernel
 
     def linear(self, x, weight, bias=None, scale=None):
-        if weight.dtype in (torch.bfloat16, torch.int8) and x.numel() <= self.gemv_rows * x.shape[-1]:
-            return self.module.linear_lowp(x, weight, bias, scale)
+        if weight.dtype == torch.int8 and x.numel() <= self.gemv_rows * x.shape[-1]:
+            return self.module.linear_int8(x, weight, bias, scale)
         return super().linear(x, weight, bias, scale)
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
@@ -166,16 +177,10 @@ class CudaKernelOps(_KernelOps):
             return self.module.gemv(x, weight, bias)
         return super().linear(x, weight, bias, scale)
 
-    def add_rms_norm(self, x, residual, weight, eps, residual_fp32, cast_input=True):
-        if weight.dtype != x.dtype:
-            return super().add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
-        normed, s = self.module.add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
-        return normed, s
-
     def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state):
-        if A.shape[1] not in (1, 2, 4, 8, 16, 32) or dt_weight.dtype != u.dtype:
-            return super().decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state)
-        return self.module.decode_step(u, dt_low, dt_weight, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
+        if A.shape[1] not in (1, 2, 4, 8, 16, 32):  # the fused kernel keeps a channel's states in one warp
+            return TorchOps.decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state)
+        return super().decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state)
 
 
 def cuda_backend(device) -> CudaKernelOps:

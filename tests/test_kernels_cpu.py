@@ -64,6 +64,38 @@ def test_conv_kernel_matches_reference_and_continues(kernel):
     assert rel_err(got, expected) <= 1e-6 and torch.equal(state, state_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual_fp32", [True, False])
+@pytest.mark.parametrize("first, cast_input", [(True, True), (False, True), (False, False)])
+def test_add_rms_norm_matches_torch(dtype, residual_fp32, first, cast_input):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 770, generator=g).to(dtype)
+    residual = None if first else torch.randn(3, 5, 770, generator=g).to(torch.float32 if residual_fp32 else dtype)
+    weight = (torch.rand(770, generator=g) + 0.5).to(dtype)
+    want = TorchOps().add_rms_norm(x, residual, weight, 1e-5, residual_fp32, cast_input)
+    got = kernels.add_rms_norm(x, residual, weight, 1e-5, residual_fp32, cast_input)
+    assert got[1].dtype == want[1].dtype and torch.equal(got[1], want[1])  # the sum: exactly torch's
+    assert got[0].dtype == dtype and rel_err(got[0].float(), want[0].double()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_matches_torch_ops(dtype):
+    b, d, n, r = 3, 70, 16, 13
+    g = torch.Generator().manual_seed(2)
+    xz = torch.randn(b, 1, 2 * d, generator=g).to(dtype)
+    u, z = xz.chunk(2, dim=-1)
+    low = torch.randn(b, 1, r + 2 * n, generator=g).to(dtype)  # as x_proj's output: dt_low, B, C views
+    weight, bias = (torch.randn(d, r, generator=g) / 4).to(dtype), torch.randn(d, generator=g).to(dtype)
+    A, D = -torch.rand(d, n, generator=g) * 8, torch.randn(d, generator=g)
+    h0 = torch.randn(b, d, n, generator=g)
+    args = (u, low[..., :r], weight, A, low[..., r : r + n], low[..., r + n :], D, z, bias)
+    want_state, got_state = h0.clone(), h0.clone()
+    want = TorchOps().decode_step(*args, want_state)
+    got = kernels.decode_step(*args, got_state)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got_state, want_state) <= tol and rel_err(got.float(), want.double()) <= tol
+
+
 def test_model_with_kernels_matches_torch_path(tiny, tiny_tokenizer):
     fast = load_model("tiny-wikitext", backend="cpu-kernels").model
     assert fast.backend == "cpu-kernels"

@@ -20,20 +20,15 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("n, k, rows", [(1, 16, 1), (37, 29, 1), (100, 128, 3), (4099, 770, 5), (64, 1536, 16)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_kernel_matches_float64(n, k, rows, bias):
+def test_int8_gemv_kernel_matches_float64(n, k, rows, bias):
     g = torch.Generator().manual_seed(n + k + rows)
     w, x, b = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
     b = b if bias else None
     q, scale = quantize_tensor(w)
-    dequantized = q.double() * scale.double()[:, None]
-    want = x.double() @ dequantized.T + (b.double() if bias else 0)
-    assert rel_err(kernels.module.linear_lowp(x, q, b, scale), want) <= 1e-6
-    wb = w.bfloat16()
-    want = x.double() @ wb.double().T + (b.double() if bias else 0)
-    assert rel_err(kernels.module.linear_lowp(x, wb, b, None), want) <= 1e-6
-    got = kernels.module.linear_lowp(x.bfloat16()[None], wb, b, None)  # bf16 activations, leading dims kept
-    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, n)
-    assert rel_err(got[0].float(), x.bfloat16().double() @ wb.double().T + (b.double() if bias else 0)) <= 1e-2
+    want = x.double() @ (q.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
+    assert rel_err(kernels.module.linear_int8(x, q, b, scale), want) <= 1e-6
+    got = kernels.module.linear_int8(x.bfloat16()[None], q, b, scale)  # bf16 activations, leading dims kept
+    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, n) and rel_err(got[0].float(), want) <= 1e-2
 
 
 def test_quantize_tensor_error_is_half_a_step():

@@ -1,45 +1,41 @@
-// Matrix-vector products for decoding with low-precision weights: y = x W^T (+ bias) for a few
-// rows of x (one per sequence of the batch), W bfloat16 or int8 with a float32 scale per row.
+// Matrix-vector products for decoding with int8 weights: y = (x W^T) * scale (+ bias) for a few
+// rows of x (one per sequence of the batch), W int8 with a float32 scale per row.
 //
-// Decoding a token is bound by reading the weights once (a 130M model: 258 MB in bf16, 130 MB in
-// int8), so the kernel streams W exactly once whatever the number of rows of x: it takes W four
-// rows at a time, widens each group of 16 weights to float32 in registers (bf16: a 16-bit shift;
-// int8: a sign-extending convert) and multiplies it into every row of x, accumulating in float32.
-// The rows of W are split over ATen's thread pool. Exact products (no rounding of x to bf16).
+// Decoding a token is bound by reading the weights once (a 130M model: 130 MB in int8), so the
+// kernel streams W exactly once whatever the number of rows of x: it takes W four rows at a time
+// (prefetched a few rows ahead), widens each group of 16 weights to float32 in registers (a
+// sign-extending convert) and multiplies it into every row of x, accumulating in float32. The rows
+// of W are split over ATen's thread pool. (bf16 weights go to torch's own kernel, which uses
+// AVX512-BF16 and measured faster here.)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int kLanes = 16;
 constexpr int kRows = 4;     // rows of W per step
-constexpr int kMaxX = 4;     // rows of x per pass over a block of W (accumulators: kRows * kMaxX)
+constexpr int kPrefetchRows = 16;  // software prefetch distance, in rows of W (past the end is harmless)
+constexpr int kMaxX = 2;     // rows of x per pass over a block of W (accumulators: kRows * kMaxX * 2)
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef int8_t vb __attribute__((vector_size(kLanes * sizeof(int8_t))));
 
-inline vf widen(const c10::BFloat16* p) {
-    vh h;
-    std::memcpy(&h, p, sizeof(h));
-    const vu bits = __builtin_convertvector(h, vu) << 16;  // bf16 is the top half of a float32
-    vf out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
-}
-
+// 16 int8 weights widened to float32 (with AVX-512: one sign extension and one convert; GCC's
+// generic vector conversion of int8 is scalarised).
 inline vf widen(const int8_t* p) {
-    vb q;
-    std::memcpy(&q, p, sizeof(q));
-    return __builtin_convertvector(q, vf);
+#ifdef __AVX512F__
+    return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#else
+    vf out;
+    for (int i = 0; i < kLanes; i++) out[i] = static_cast<float>(p[i]);
+    return out;
+#endif
 }
-
-inline float widen1(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float widen1(int8_t v) { return static_cast<float>(v); }
 
 inline float lanes_sum(vf v) {
     float s = 0.0f;
@@ -47,36 +43,40 @@ inline float lanes_sum(vf v) {
     return s;
 }
 
-// out[m][r] = sum_k x[m][k] * w[r][k] for the `rows` (<= kRows) rows of W at w and M rows of x.
-template <typename W, int M>
-void block(const float* x, int64_t k, const W* w, int rows, float out[kMaxX][kRows]) {
-    vf acc[M][kRows] = {};
-    const int64_t body = k / kLanes * kLanes;
-    for (int64_t i = 0; i < body; i += kLanes) {
-        vf xv[M];
-        for (int m = 0; m < M; m++) std::memcpy(&xv[m], x + m * k + i, sizeof(vf));
-        for (int r = 0; r < kRows; r++) {
-            if (r >= rows) break;
-            const vf wv = widen(w + r * k + i);
-            for (int m = 0; m < M; m++) acc[m][r] += xv[m] * wv;
+// out[m][r] = sum_k x[m][k] * w[r][k] for R rows of W at w and M rows of x. R and M are compile-time
+// constants so that the R x M x 2 accumulators (two per pair, for twice the independent FMA chains)
+// live in registers.
+template <typename W, int M, int R>
+void block(const float* x, int64_t k, const W* w, float out[kMaxX][kRows]) {
+    vf acc[M][R][2] = {};
+    const int64_t body = k / (2 * kLanes) * (2 * kLanes);
+    for (int64_t i = 0; i < body; i += 2 * kLanes) {
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; half++) {
+            vf xv[M];
+#pragma GCC unroll 4
+            for (int m = 0; m < M; m++) std::memcpy(&xv[m], x + m * k + i + half * kLanes, sizeof(vf));
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                __builtin_prefetch(w + (r + kPrefetchRows) * k + i + half * kLanes);  // DRAM streams need a head start
+                const vf wv = widen(w + r * k + i + half * kLanes);
+#pragma GCC unroll 4
+                for (int m = 0; m < M; m++) acc[m][r][half] += xv[m] * wv;
+            }
         }
     }
     for (int m = 0; m < M; m++)
-        for (int r = 0; r < rows; r++) {
-            float s = lanes_sum(acc[m][r]);
-            for (int64_t i = body; i < k; i++) s += x[m * k + i] * widen1(w[r * k + i]);
+        for (int r = 0; r < R; r++) {
+            float s = lanes_sum(acc[m][r][0] + acc[m][r][1]);
+            for (int64_t i = body; i < k; i++) s += x[m * k + i] * static_cast<float>(w[r * k + i]);
             out[m][r] = s;
         }
 }
 
-template <typename W>
-void rows_of_x(const float* x, int64_t xs, int64_t k, const W* w, int rows, float out[kMaxX][kRows]) {
-    switch (xs) {
-        case 1: block<W, 1>(x, k, w, rows, out); break;
-        case 2: block<W, 2>(x, k, w, rows, out); break;
-        case 3: block<W, 3>(x, k, w, rows, out); break;
-        default: block<W, 4>(x, k, w, rows, out); break;
-    }
+template <typename W, int R>
+void rows_of_x(const float* x, int64_t xs, int64_t k, const W* w, float out[kMaxX][kRows]) {
+    if (xs == 1) block<W, 1, R>(x, k, w, out);
+    else block<W, 2, R>(x, k, w, out);
 }
 
 template <typename W>
@@ -88,7 +88,15 @@ void gemv(const float* x, int64_t m, int64_t k, const W* w, int64_t n, const flo
             const int rows = static_cast<int>(std::min<int64_t>(kRows, n - r0));
             for (int64_t m0 = 0; m0 < m; m0 += kMaxX) {  // the block of W stays in cache for later rows of x
                 const int64_t xs = std::min<int64_t>(kMaxX, m - m0);
-                rows_of_x(x + m0 * k, xs, k, w + r0 * k, rows, out);
+                if (rows == kRows) {
+                    rows_of_x<W, kRows>(x + m0 * k, xs, k, w + r0 * k, out);
+                } else {  // the last rows of W, one at a time
+                    float one[kMaxX][kRows];
+                    for (int r = 0; r < rows; r++) {
+                        rows_of_x<W, 1>(x + m0 * k, xs, k, w + (r0 + r) * k, one);
+                        for (int64_t i = 0; i < xs; i++) out[i][r] = one[i][0];
+                    }
+                }
                 for (int64_t i = 0; i < xs; i++)
                     for (int r = 0; r < rows; r++) {
                         float v = out[i][r];
@@ -103,25 +111,18 @@ void gemv(const float* x, int64_t m, int64_t k, const W* w, int64_t n, const flo
 
 }  // namespace
 
-// y (..., n) = x (..., k) @ weight (n, k)^T (* scale (n,)) (+ bias (n,)), in x's dtype; weight is
-// bfloat16, or int8 with float32 `scale`. Meant for a few rows of x (decoding).
-torch::Tensor linear_lowp(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale) {
-    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous (out, in) matrix");
+// y (..., n) = x (..., k) @ weight (n, k)^T * scale (n,) (+ bias (n,)), in x's dtype; weight int8,
+// scale float32. Meant for a few rows of x (decoding).
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor scale) {
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == torch::kChar, "weight must be a contiguous int8 (out, in) matrix");
     const int64_t n = weight.size(0), k = weight.size(1);
-    TORCH_CHECK(x.size(-1) == k, "x's last dimension must equal weight's in-features");
-    const bool int8 = weight.scalar_type() == torch::kChar;
-    TORCH_CHECK(int8 || weight.scalar_type() == torch::kBFloat16, "weight must be bfloat16 or int8");
-    TORCH_CHECK(int8 == scale.has_value(), "an int8 weight needs float32 scales, a bfloat16 one none");
+    TORCH_CHECK(x.size(-1) == k && scale.numel() == n, "x's last dimension must equal weight's in-features, scale one per out-feature");
     auto xf = x.reshape({-1, k}).to(torch::kFloat).contiguous();  // (m, k)
     auto y = torch::empty({xf.size(0), n}, xf.options());
-    torch::Tensor sf = int8 ? scale->to(torch::kFloat).contiguous() : torch::Tensor();
+    auto sf = scale.to(torch::kFloat).contiguous();
     torch::Tensor bf = bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
-    const float* sp = int8 ? sf.data_ptr<float>() : nullptr;
-    const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-    if (int8)
-        gemv(xf.data_ptr<float>(), xf.size(0), k, weight.data_ptr<int8_t>(), n, sp, bp, y.data_ptr<float>());
-    else
-        gemv(xf.data_ptr<float>(), xf.size(0), k, weight.data_ptr<c10::BFloat16>(), n, sp, bp, y.data_ptr<float>());
+    gemv(xf.data_ptr<float>(), xf.size(0), k, weight.data_ptr<int8_t>(), n, sf.data_ptr<float>(), bias.has_value() ? bf.data_ptr<float>() : nullptr,
+         y.data_ptr<float>());
     auto sizes = x.sizes().vec();
     sizes.back() = n;
     return y.to(x.scalar_type()).reshape(sizes);

@@ -18,39 +18,13 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-constexpr int64_t kTile = 16;  // channels per work item
+using namespace mamba_cpu;
 
-// 16 floats as one value: GCC/Clang vector extensions compile this to one AVX-512 or two AVX2
-// instructions per operation, with no reliance on the auto-vectoriser.
-typedef float vf __attribute__((vector_size(kTile * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kTile * sizeof(int32_t))));
-
-// exp(x) for 16 lanes: Cephes expf's range reduction and polynomial (about 1 ulp).
-inline vf vexp(vf x) {
-    const vf lo = vf{} - 87.3f, hi = vf{} + 88.3f, magic = vf{} + 12582912.0f;  // 1.5 * 2^23 rounds to nearest
-    x = x < lo ? lo : x;
-    x = x > hi ? hi : x;
-    const vf n = (x * 1.44269504088896341f + magic) - magic;
-    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2, two-part constant
-    vf p = vf{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
-    return p * reinterpret_cast<const vf&>(bits);
-}
-
-template <typename T>
-inline vf load_tile(const T* p, int64_t width) {
-    vf v = {};
-    for (int64_t c = 0; c < width; c++) v[c] = static_cast<float>(p[c]);
-    return v;
-}
+constexpr int64_t kTile = kLanes;  // channels per work item
 
 // Strided view of a (b, l, c) tensor with unit stride on c.
 template <typename T>
@@ -175,11 +149,18 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
     return y;
 }
 
-// linear_cpu.cpp
-torch::Tensor linear_lowp(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale);
+// linear_cpu.cpp, decode_cpu.cpp
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor scale);
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
+                                        bool residual_fp32, bool cast_input);
+torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor dt_weight, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                          c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
+                          torch::Tensor state);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CPU)");
     m.def("causal_conv1d", &causal_conv1d, "causal depthwise conv + SiLU with carried state (CPU)");
-    m.def("linear_lowp", &linear_lowp, "x @ W^T for a few rows of x, W bfloat16 or int8 with scales (CPU)");
+    m.def("linear_int8", &linear_int8, "x @ W^T * scale for a few rows of x, W int8 (CPU)");
+    m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CPU)");
+    m.def("decode_step", &decode_step, "dt_proj + softplus + one selective-scan step (CPU)");
 }

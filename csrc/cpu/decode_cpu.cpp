@@ -1,0 +1,145 @@
+// The non-matmul work of a decoded token in one call per op instead of a dozen torch ops: the
+// residual add + RMSNorm, and dt_proj + bias + softplus + the scan step. At one token, each torch
+// op costs more in dispatch than in arithmetic (a 130M model decodes 24 layers x ~20 of them).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "vec.h"
+
+namespace {
+
+using namespace mamba_cpu;
+
+// s = residual + x (in R), out = weight * T(s' * rsqrt(mean(s'^2) + eps)) with s' = T(s) if cast_input:
+// the roundings of transformers' torch code (see ops/reference.py: add_rms_norm).
+template <typename T, typename R>
+void add_rms_norm_rows(const T* x, const R* residual, const T* weight, T* out, R* res_out, int64_t rows, int64_t h, float eps, bool cast_input) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; row++) {
+            const T* xr = x + row * h;
+            R* sr = res_out + row * h;
+            float ss = 0.0f;
+            for (int64_t i = 0; i < h; i++) {
+                const float sum = residual != nullptr ? static_cast<float>(residual[row * h + i]) + static_cast<float>(xr[i]) : static_cast<float>(xr[i]);
+                sr[i] = static_cast<R>(sum);
+                const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
+                ss += v * v;
+            }
+            const float scale = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+            for (int64_t i = 0; i < h; i++) {
+                const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
+                out[row * h + i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(v * scale)));
+            }
+        }
+    });
+}
+
+}  // namespace
+
+// (normed, s) for x (..., h) and the residual stream before it (None for the first block).
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
+                                        bool residual_fp32, bool cast_input) {
+    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "the norm weight must have x's dtype");
+    const int64_t h = x.size(-1), rows = x.numel() / h;
+    auto xc = x.contiguous();
+    const auto res_type = residual_fp32 ? torch::kFloat : x.scalar_type();
+    torch::Tensor rc;
+    if (residual.has_value()) {
+        TORCH_CHECK(residual->scalar_type() == res_type && residual->sizes() == x.sizes(), "residual must match x's shape, in the residual dtype");
+        rc = residual->contiguous();
+    }
+    auto out = torch::empty_like(xc);
+    auto res_out = torch::empty(xc.sizes(), xc.options().dtype(res_type));
+    auto wc = weight.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "add_rms_norm", [&] {
+        using T = scalar_t;
+        if (residual_fp32)
+            add_rms_norm_rows<T, float>(xc.data_ptr<T>(), residual.has_value() ? rc.data_ptr<float>() : nullptr, wc.data_ptr<T>(),
+                                        out.data_ptr<T>(), res_out.data_ptr<float>(), rows, h, static_cast<float>(eps), cast_input);
+        else
+            add_rms_norm_rows<T, T>(xc.data_ptr<T>(), residual.has_value() ? rc.data_ptr<T>() : nullptr, wc.data_ptr<T>(),
+                                    out.data_ptr<T>(), res_out.data_ptr<T>(), rows, h, static_cast<float>(eps), cast_input);
+    });
+    return {out, res_out};
+}
+
+// y (b, 1, d) of one decode step: dt = softplus(T(dt_low (b, 1, r) @ dt_weight (d, r)^T) + bias), as
+// the unfused path rounds it, then the scan step from `state` (b, d, n) float32, updated in place.
+// Unlike the prompt scan (vectorised over 16 channels, the state read transposed, which a long
+// prompt amortises), a step is vectorised over a channel's states: its state row is contiguous.
+torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor dt_weight, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                          c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
+                          torch::Tensor state) {
+    TORCH_CHECK(u.dim() == 3 && u.size(1) == 1 && dt_low.stride(2) == 1, "decode_step takes one token: u (b, 1, d), dt_low (b, 1, r)");
+    TORCH_CHECK(dt_weight.scalar_type() == dt_low.scalar_type(), "dt_low and dt_weight must share a dtype");
+    const int64_t batch = u.size(0), dim = u.size(2), rank = dt_low.size(2);
+    auto w = dt_weight.contiguous();
+    auto bias = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::zeros({dim}, u.options().dtype(torch::kFloat));
+    auto raw = torch::empty({batch, 1, dim}, u.options().dtype(torch::kFloat));  // (b, 1, d) float32
+    const int64_t low_sb = dt_low.stride(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, dt_low.scalar_type(), "decode_step", [&] {
+        using T = scalar_t;
+        const T* low = dt_low.data_ptr<T>();
+        const T* wp = w.data_ptr<T>();
+        const float* bp = bias.data_ptr<float>();
+        float* out = raw.data_ptr<float>();
+        for (int64_t b = 0; b < batch; b++) {
+            float lowf[256];
+            TORCH_CHECK(rank <= 256, "decode_step supports a dt rank up to 256");
+            for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(low[b * low_sb + j]);
+            for (int64_t c = 0; c < dim; c++) {
+                float acc = 0.0f;
+                for (int64_t j = 0; j < rank; j++) acc += lowf[j] * static_cast<float>(wp[c * rank + j]);
+                out[b * dim + c] = static_cast<float>(static_cast<T>(acc)) + bp[c];
+            }
+        }
+    });
+    const auto dt = at::softplus(raw).contiguous();  // torch's own, as the prompt path applies it
+    TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat && A.is_contiguous() && A.scalar_type() == torch::kFloat,
+                "A and state must be contiguous float32");
+    TORCH_CHECK(B.scalar_type() == u.scalar_type() && C.scalar_type() == u.scalar_type() && B.stride(2) == 1 && C.stride(2) == 1,
+                "B and C must have u's dtype and unit stride on n");
+    const int64_t nstate = A.size(1);
+    auto y = torch::empty({batch, 1, dim}, u.options());
+    torch::Tensor Dc = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, u.scalar_type(), "decode_step_scan", [&] {
+        using T = scalar_t;
+        const T* up = u.data_ptr<T>();
+        const T* zp = z.has_value() ? z->data_ptr<T>() : nullptr;
+        const T* Bp = B.data_ptr<T>();
+        const T* Cp = C.data_ptr<T>();
+        const float* dtp = dt.data_ptr<float>();
+        const float* Ap = A.data_ptr<float>();
+        const float* Dp = D.has_value() ? Dc.data_ptr<float>() : nullptr;
+        float* hp = state.data_ptr<float>();
+        T* yp = y.data_ptr<T>();
+        const int64_t u_sb = u.stride(0), z_sb = z.has_value() ? z->stride(0) : 0, b_sb = B.stride(0), c_sb = C.stride(0);
+        at::parallel_for(0, batch * dim, 256, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; i++) {
+                const int64_t b = i / dim, c = i % dim;
+                const float dtv = dtp[i], uv = static_cast<float>(up[b * u_sb + c]), du = dtv * uv;
+                float* h = hp + i * nstate;
+                vf acc = {};
+                for (int64_t n0 = 0; n0 < nstate; n0 += kLanes) {
+                    const int64_t width = std::min(kLanes, nstate - n0);
+                    vf hv = load_tile(h + n0, width);
+                    hv = vexp(dtv * load_tile(Ap + c * nstate + n0, width)) * hv + du * load_tile(Bp + b * b_sb + n0, width);
+                    for (int64_t k = 0; k < width; k++) h[n0 + k] = hv[k];
+                    acc += hv * load_tile(Cp + b * c_sb + n0, width);
+                }
+                float out = 0.0f;
+                for (int k = 0; k < kLanes; k++) out += acc[k];
+                out += (Dp != nullptr ? Dp[c] : 0.0f) * uv;
+                if (zp != nullptr) {
+                    const float zv = static_cast<float>(zp[b * z_sb + c]);
+                    out *= zv / (1.0f + std::exp(-zv));
+                }
+                yp[b * dim + c] = static_cast<T>(out);
+            }
+        });
+    });
+    return y;
+}
