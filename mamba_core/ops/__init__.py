@@ -4,9 +4,12 @@ Dimension glossary (as in mamba-minimal):
   b: batch, l: sequence length, d: inner channels (expand * hidden), n: SSM state size, k: conv kernel.
 Layouts are channels-last, the order the projections produce: u, delta, z (b, l, d); B, C (b, l, n).
 
-A backend is an object with three methods (see `reference.TorchOps`):
+A backend is an object with these methods (see `reference.TorchOps`, which compiled backends
+subclass, so anything they do not fuse falls back to it):
   causal_conv1d(x, weight, bias, conv_state) -> y         prompt chunk, SiLU applied, state updated
   selective_scan(u, delta, A, B, C, D, z, delta_bias, ssm_state) -> y   state updated in place
+  decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state) -> y   one token, dt_proj fused
+  add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input) -> (normed, residual)
   linear(x, weight, bias, scale) -> y                     projections; int8 weights with scales
 Compiled backends (csrc/) are listed here with the device type they run on and chosen by `get_ops`; the plain-torch backend is
 the reference every other backend is tested against, and the fallback everywhere.
