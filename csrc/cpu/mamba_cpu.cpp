@@ -68,8 +68,7 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
             const vf zv = load_tile(z->row(b, t) + c0, width);
             out *= zv / (1.0f + vexp(vf{} - zv));
         }
-        scalar_t* yr = y.row(b, t) + c0;
-        for (int64_t c = 0; c < width; c++) yr[c] = static_cast<scalar_t>(out[c]);
+        store_tile(y.row(b, t) + c0, out, width);
     }
     for (int64_t n = 0; n < nstate; n++)
         for (int64_t c = 0; c < width; c++) state[(b * dim + c0 + c) * nstate + n] = h[n][c];
@@ -138,8 +137,7 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
                     vf acc = bv;
                     for (int64_t j = 0; j < kernel; j++) acc += window[j] * weights[j];
                     const vf out = acc / (1.0f + vexp(vf{} - acc));
-                    scalar_t* yr = yv.row(b, t) + c0;
-                    for (int64_t c = 0; c < width; c++) yr[c] = static_cast<scalar_t>(out[c]);
+                    store_tile(yv.row(b, t) + c0, out, width);
                 }
                 for (int64_t j = 0; j < kernel; j++)
                     for (int64_t c = 0; c < width; c++) st[(b * dim + c0 + c) * kernel + j] = static_cast<scalar_t>(window[j][c]);
