@@ -179,10 +179,11 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(type, [&](auto zero) {
         using T = decltype(zero);
+        // 4 lanes per channel (fewer for tiny n). One lane per channel (a softplus per channel, not 4)
+        // measured 2.4x slower at batch 64: its state reads are no longer coalesced.
         auto launch = [&](auto n) {
-            constexpr int N = decltype(n)::value, L = N < 4 ? N : 4;  // 4 lanes per channel (fewer for tiny n)
-            const dim3 grid(batch, (dim + 128 / L - 1) / (128 / L));
-            decode_step_kernel<T, N, L><<<grid, 128, 0, stream>>>(a);
+            constexpr int N = decltype(n)::value, L = N < 4 ? N : 4;
+            decode_step_kernel<T, N, L><<<dim3(batch, (dim + 128 / L - 1) / (128 / L)), 128, 0, stream>>>(a);
         };
         switch (nstate) {
             case 1: launch(std::integral_constant<int, 1>()); break;
