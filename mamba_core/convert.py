@@ -226,8 +226,18 @@ def _verify(target: Path, to: str, expected: torch.Tensor, tolerance: float) -> 
     return diff
 
 
+def _usual_permissions(target: Path) -> None:
+    """Give the output the modes a plain write would (the temporary directory and some writers use 0o700/0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [target, *target.rglob("*")] if target.is_dir() else [target]
+    for path in paths:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _move_into_place(target: Path, out: Path, force: bool) -> None:
-    """Rename the finished output onto OUT (replacing it only with --force)."""
+    """Rename the finished output onto OUT (replacing it only with --force), with the usual permissions."""
+    _usual_permissions(target)
     if out.exists():
         if not force:
             raise MambaError(f"{out} already exists; pass --force to replace it")

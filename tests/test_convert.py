@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -177,6 +178,15 @@ def test_every_direction_on_both_fixtures(tmp_path, src, to):
     assert convert(out, back).exit_code == 0  # and back to hf from each format
     for path in (out, back):
         assert (logits(path) - logits(src)).abs().max() <= 1e-4
+
+
+def test_output_has_the_usual_permissions(tmp_path):
+    out = tmp_path / "m"
+    assert runner.invoke(app, ["convert", "tiny-wikitext", str(out)]).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the 0o700 of a temporary directory
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in out.iterdir())
 
 
 def test_keep_fp32_parts(tmp_path):
