@@ -17,13 +17,15 @@
 #include <immintrin.h>
 #endif
 
+#include "vec.h"
+
 namespace {
 
-constexpr int kLanes = 16;
+using namespace mamba_cpu;
+
 constexpr int kRows = 4;     // rows of W per step
 constexpr int kPrefetchRows = 16;  // software prefetch distance, in rows of W (past the end is harmless)
 constexpr int kMaxX = 2;     // rows of x per pass over a block of W (accumulators: kRows * kMaxX * 2)
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 
 // 16 int8 weights widened to float32 (with AVX-512: one sign extension and one convert; GCC's
 // generic vector conversion of int8 is scalarised).
@@ -46,8 +48,8 @@ inline float lanes_sum(vf v) {
 // out[m][r] = sum_k x[m][k] * w[r][k] for R rows of W at w and M rows of x. R and M are compile-time
 // constants so that the R x M x 2 accumulators (two per pair, for twice the independent FMA chains)
 // live in registers.
-template <typename W, int M, int R>
-void block(const float* x, int64_t k, const W* w, float out[kMaxX][kRows]) {
+template <int M, int R>
+void block(const float* x, int64_t k, const int8_t* w, float out[kMaxX][kRows]) {
     vf acc[M][R][2] = {};
     const int64_t body = k / (2 * kLanes) * (2 * kLanes);
     for (int64_t i = 0; i < body; i += 2 * kLanes) {
@@ -55,7 +57,7 @@ void block(const float* x, int64_t k, const W* w, float out[kMaxX][kRows]) {
         for (int half = 0; half < 2; half++) {
             vf xv[M];
 #pragma GCC unroll 4
-            for (int m = 0; m < M; m++) std::memcpy(&xv[m], x + m * k + i + half * kLanes, sizeof(vf));
+            for (int m = 0; m < M; m++) xv[m] = load16(x + m * k + i + half * kLanes);
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) {
                 __builtin_prefetch(w + (r + kPrefetchRows) * k + i + half * kLanes);  // DRAM streams need a head start
@@ -73,14 +75,13 @@ void block(const float* x, int64_t k, const W* w, float out[kMaxX][kRows]) {
         }
 }
 
-template <typename W, int R>
-void rows_of_x(const float* x, int64_t xs, int64_t k, const W* w, float out[kMaxX][kRows]) {
-    if (xs == 1) block<W, 1, R>(x, k, w, out);
-    else block<W, 2, R>(x, k, w, out);
+template <int R>
+void rows_of_x(const float* x, int64_t xs, int64_t k, const int8_t* w, float out[kMaxX][kRows]) {
+    if (xs == 1) block<1, R>(x, k, w, out);
+    else block<2, R>(x, k, w, out);
 }
 
-template <typename W>
-void gemv(const float* x, int64_t m, int64_t k, const W* w, int64_t n, const float* scale, const float* bias, float* y) {
+void gemv(const float* x, int64_t m, int64_t k, const int8_t* w, int64_t n, const float* scale, const float* bias, float* y) {
     at::parallel_for(0, (n + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
         float out[kMaxX][kRows];
         for (int64_t g = begin; g < end; g++) {
@@ -89,11 +90,11 @@ void gemv(const float* x, int64_t m, int64_t k, const W* w, int64_t n, const flo
             for (int64_t m0 = 0; m0 < m; m0 += kMaxX) {  // the block of W stays in cache for later rows of x
                 const int64_t xs = std::min<int64_t>(kMaxX, m - m0);
                 if (rows == kRows) {
-                    rows_of_x<W, kRows>(x + m0 * k, xs, k, w + r0 * k, out);
+                    rows_of_x<kRows>(x + m0 * k, xs, k, w + r0 * k, out);
                 } else {  // the last rows of W, one at a time
                     float one[kMaxX][kRows];
                     for (int r = 0; r < rows; r++) {
-                        rows_of_x<W, 1>(x + m0 * k, xs, k, w + (r0 + r) * k, one);
+                        rows_of_x<1>(x + m0 * k, xs, k, w + (r0 + r) * k, one);
                         for (int64_t i = 0; i < xs; i++) out[i][r] = one[i][0];
                     }
                 }
