@@ -139,18 +139,43 @@ def limit_units(units: Iterable[Unit], limit: int) -> Iterator[Unit]:
 
 @dataclasses.dataclass
 class KLStats:
-    """KL(base || model) per scored token and top-1 agreement, for --kl-base."""
+    """KL(base || model) per scored token and top-1 agreement, for --kl-base, in constant memory.
 
-    values: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    Mean and max are exact; the 99th percentile is exact up to RESERVOIR scored tokens and estimated
+    from a uniform random sample of that many (reservoir sampling, fixed seed) beyond.
+    """
+
+    RESERVOIR = 1 << 20  # 4 MB of float32
+
+    count: int = 0
+    total: float = 0.0
+    highest: float = 0.0
     agree: int = 0
+    sample: torch.Tensor = dataclasses.field(default_factory=lambda: torch.empty(0))
+    generator: torch.Generator = dataclasses.field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def add(self, values: torch.Tensor) -> None:
+        """Add per-token KL values (k,) (float32, CPU)."""
+        room = self.RESERVOIR - len(self.sample)
+        if room > 0:
+            self.sample = torch.cat([self.sample, values[:room]])
+        rest = values[max(room, 0) :]
+        if len(rest):  # Algorithm R: the i-th value (0-based) replaces a random slot with probability R / (i + 1)
+            seen = self.count + max(room, 0) + torch.arange(len(rest), dtype=torch.float64)
+            slots = (torch.rand(len(rest), generator=self.generator, dtype=torch.float64) * (seen + 1)).long()
+            keep = slots < self.RESERVOIR
+            self.sample[slots[keep]] = rest[keep]
+        self.count += len(values)
+        self.total += values.double().sum().item()
+        self.highest = max(self.highest, values.max().item()) if len(values) else self.highest
 
     def report(self) -> dict:
-        kl = torch.cat(self.values).double() if self.values else torch.zeros(1, dtype=torch.float64)
+        sample = self.sample.double() if len(self.sample) else torch.zeros(1, dtype=torch.float64)
         return {
-            "kl_mean": kl.mean().item(),
-            "kl_max": kl.max().item(),
-            "kl_p99": torch.quantile(kl[: 1 << 24], 0.99).item(),
-            "top1_agreement": self.agree / max(kl.numel(), 1),
+            "kl_mean": self.total / max(self.count, 1),
+            "kl_max": self.highest,
+            "kl_p99": torch.quantile(sample, 0.99).item(),
+            "top1_agreement": self.agree / max(self.count, 1),
         }
 
 
@@ -225,5 +250,5 @@ def _add_kl(kl: KLStats, logits: torch.Tensor, base_logits: torch.Tensor) -> Non
     vocab = min(logits.shape[-1], base_logits.shape[-1])
     log_p = logits[:, :vocab].log_softmax(-1)
     log_q = base_logits[:, :vocab].log_softmax(-1)
-    kl.values.append((log_q.exp() * (log_q - log_p)).sum(-1).clamp_min(0).cpu())
+    kl.add((log_q.exp() * (log_q - log_p)).sum(-1).clamp_min(0).float().cpu())
     kl.agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())

@@ -178,3 +178,24 @@ def test_memory_flat_on_a_10_megabyte_document(tmp_path):
     assert big.stat().st_size > 10_000_000
     small, whole = peak(tenth), peak(big)
     assert whole <= 1.10 * small, (small, whole)
+
+
+def test_kl_stats_constant_memory_and_exact_below_the_reservoir():
+    from mamba_core.evaluation import KLStats
+
+    values = torch.rand(5000, generator=torch.Generator().manual_seed(3)) ** 4
+    small = KLStats()
+    for chunk in values.split(777):
+        small.add(chunk)
+    report = small.report()
+    assert report["kl_p99"] == pytest.approx(torch.quantile(values.double(), 0.99).item(), rel=1e-12)
+    assert report["kl_mean"] == pytest.approx(values.double().mean().item(), rel=1e-12) and report["kl_max"] == values.max().item()
+    KLStats.RESERVOIR, saved = 500, KLStats.RESERVOIR  # a tiny reservoir: bounded size, p99 still close
+    try:
+        sampled = KLStats()
+        for chunk in values.split(777):
+            sampled.add(chunk)
+        assert len(sampled.sample) == 500 and sampled.count == 5000
+        assert abs(sampled.report()["kl_p99"] - report["kl_p99"]) < 0.08
+    finally:
+        KLStats.RESERVOIR = saved
