@@ -64,6 +64,7 @@ def test_gated_repo_without_token(monkeypatch):
         (json.dumps({"hidden_size": 128, "num_hidden_layers": 6, "conv_kernel": 0}), "conv_kernel"),
         (json.dumps({"hidden_size": 128, "num_hidden_layers": 6, "vocab_size": 10**12}), "vocab_size"),
         (json.dumps({"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 6}), "llama"),
+        (json.dumps({"hidden_size": 128, "num_hidden_layers": 6, "quantization_config": {"quant_method": "gptq"}}), "quantization_config"),
         ("[1, 2]", "JSON object"),
     ],
 )
