@@ -167,15 +167,23 @@ class CudaKernelOps(_KernelOps):
             ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
         return self.module.selective_scan(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
 
-    gemv_rows = 1  # measured on an H200: faster than cuBLAS for one row, 1.8x slower for 8
+    @staticmethod
+    def _one_row(x, weight, scale) -> bool:
+        """Can the one-row kernels take this product? (Ours beat cuBLAS for one row of x on an
+        H200 and were 1.8x slower for 8, so larger batches stay with cuBLAS.)"""
+        return (scale is None and x.numel() == x.shape[-1] and weight.dtype == x.dtype and x.shape[-1] % (16 // x.element_size()) == 0
+                and x.is_contiguous() and x.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
 
     def linear(self, x, weight, bias=None, scale=None):
-        rows, k = x.numel() // max(x.shape[-1], 1), x.shape[-1]
-        vec = 16 // x.element_size()
-        if (scale is None and rows <= self.gemv_rows and weight.dtype == x.dtype and k % vec == 0 and x.is_contiguous()
-                and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
+        if self._one_row(x, weight, scale):
             return self.module.gemv(x, weight, bias)
         return super().linear(x, weight, bias, scale)
+
+    def in_proj_conv_step(self, hidden, weight, bias, scale, conv_weight, conv_bias, conv_state):
+        if self._one_row(hidden, weight, scale) and 2 <= conv_weight.shape[1] <= 4:
+            x, z = self.module.in_proj_conv_step(hidden, weight, bias, conv_weight, conv_bias, conv_state)
+            return x, z
+        return super().in_proj_conv_step(hidden, weight, bias, scale, conv_weight, conv_bias, conv_state)
 
     def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state):
         if A.shape[1] not in (1, 2, 4, 8, 16, 32):  # the fused kernel keeps a channel's states in one warp

@@ -128,6 +128,25 @@ def test_gemv_matches_float64(kernels, dtype, rows, n, k, bias):
     assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel, bias", [(4, True), (3, False), (2, True)])
+def test_in_proj_conv_step_matches_torch(kernels, dtype, kernel, bias):
+    g = torch.Generator(device="cuda").manual_seed(kernel)
+    h, d = 768, 1536
+    hidden = torch.randn(1, 1, h, device="cuda", generator=g).to(dtype)
+    weight = (torch.randn(2 * d, h, device="cuda", generator=g) / 30).to(dtype)
+    b = torch.randn(2 * d, device="cuda", generator=g).to(dtype) if bias else None
+    conv_w, conv_b = torch.randn(d, kernel, device="cuda", generator=g).to(dtype), torch.randn(d, device="cuda", generator=g).to(dtype)
+    state = torch.randn(1, d, kernel, device="cuda", generator=g).to(dtype)
+    want_state, got_state = state.clone(), state.clone()
+    want = TorchOps().in_proj_conv_step(hidden, weight, b, None, conv_w, conv_b, want_state)
+    got = kernels.in_proj_conv_step(hidden, weight, b, None, conv_w, conv_b, got_state)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for g_, w_ in zip(got, want):
+        assert g_.shape == w_.shape and rel_err(g_.float(), w_.double()) <= tol
+    assert rel_err(got_state.float(), want_state.double()) <= tol
+
+
 def test_model_logits_and_greedy_match_cpu(tiny):
     gpu = load_model("tiny-wikitext", dtype="float32", device="cuda", backend="cuda-kernels").model
     assert gpu.backend == "cuda-kernels"

@@ -131,41 +131,64 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     }
 }
 
-// y (m, n) = x (m, k) @ w (n, k)^T (+ bias) for M >= m rows of x (decoding): one warp per output
-// row, 16-byte loads of w and x, float32 accumulation, one rounding. Needs k % (16 / sizeof(T)) == 0
-// and 16-byte aligned rows (checked by the caller).
-template <typename T, int M>
-__global__ void __launch_bounds__(256) gemv_kernel(const T* x, int64_t x_s0, const T* w, const T* bias, T* y, int m, int n, int k) {
+// x . w over k elements by one warp (16-byte loads, float32 accumulation), the sum in every lane.
+// Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned x and w (checked by the callers).
+template <typename T>
+__device__ __forceinline__ float warp_dot(const T* x, const T* w, int k) {
     constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
-    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
-    if (row >= n) return;  // whole warps only
-    const T* wr = w + (int64_t)row * k;
-    float acc[M] = {};
+    const int lane = threadIdx.x % 32;
+    float acc = 0.0f;
 #pragma unroll 4
     for (int i = lane * V; i < k; i += 32 * V) {  // unrolled: several loads in flight per lane
-        const uint4 wv = *reinterpret_cast<const uint4*>(wr + i);
+        const uint4 wv = *reinterpret_cast<const uint4*>(w + i);
+        const uint4 xv = *reinterpret_cast<const uint4*>(x + i);
         const T* wp = reinterpret_cast<const T*>(&wv);
+        const T* xp = reinterpret_cast<const T*>(&xv);
 #pragma unroll
-        for (int r = 0; r < M; r++) {
-            if (r < m) {
-                const uint4 xv = *reinterpret_cast<const uint4*>(x + r * x_s0 + i);
-                const T* xp = reinterpret_cast<const T*>(&xv);
-#pragma unroll
-                for (int j = 0; j < V; j++) acc[r] += to_f(xp[j]) * to_f(wp[j]);
-            }
-        }
+        for (int j = 0; j < V; j++) acc += to_f(xp[j]) * to_f(wp[j]);
     }
 #pragma unroll
-    for (int r = 0; r < M; r++) {
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffff, acc[r], off);
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off);
+    return acc;
+}
+
+// y (n,) = w (n, k) @ x (k,) (+ bias), rounded once to T: one warp per output row. Decoding's
+// matrix-vector products (cuBLAS picks GEMM tilings that read these small matrices slowly).
+template <typename T>
+__global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const T* bias, T* y, int n, int k) {
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (row >= n) return;  // whole warps only
+    const float acc = warp_dot(x, w + (int64_t)row * k, k);
+    if (threadIdx.x % 32 == 0) y[row] = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
+}
+
+// in_proj and the conv step of one decoded token in one kernel: rows [0, d) of w give x, whose
+// channel c goes straight through the causal conv step (channel-local: the warp that computed x_c
+// updates conv state c and writes silu(conv)); rows [d, 2d) give z. x_c is rounded to T before the
+// conv, as the unfused path stores it.
+template <typename T, int K>
+__global__ void __launch_bounds__(256) in_proj_conv_kernel(const T* hidden, const T* w, const T* bias, ConvArgs conv, T* z, int k) {
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (row >= 2 * conv.dim) return;
+    const float acc = warp_dot(hidden, w + (int64_t)row * k, k);
+    if (threadIdx.x % 32 != 0) return;
+    const T v = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
+    if (row >= conv.dim) {
+        z[row - conv.dim] = v;
+        return;
     }
-    if (lane == 0) {
-        const float b = bias ? to_f(bias[row]) : 0.0f;
+    const int c = row;
+    T* st = static_cast<T*>(conv.state) + (int64_t)c * K;
+    float win[K];
 #pragma unroll
-        for (int r = 0; r < M; r++)
-            if (r < m) y[(int64_t)r * n + row] = from_f<T>(acc[r] + b);
-    }
+    for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
+    win[K - 1] = to_f(v);
+    float out = conv.bias ? to_f(static_cast<const T*>(conv.bias)[c]) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < K; j++) out += win[j] * to_f(static_cast<const T*>(conv.w)[(int64_t)c * K + j]);
+    static_cast<T*>(conv.y)[c] = from_f<T>(silu(out));
+#pragma unroll
+    for (int j = 0; j < K; j++) st[j] = from_f<T>(win[j]);
 }
 
 }  // namespace mamba

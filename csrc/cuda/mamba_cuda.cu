@@ -199,41 +199,73 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     return y;
 }
 
-// y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for at most 8 rows of x, all in one dtype: the
-// matrix-vector products of decoding (cuBLAS picks GEMM tilings that read small matrices slowly).
+// Checks for the one-row kernels: a (k,) row and (n, k) weight of one dtype, 16-byte aligned.
+void check_row(const torch::Tensor& x, const torch::Tensor& weight) {
+    const int64_t k = x.size(-1), vec = 16 / x.element_size();
+    TORCH_CHECK(x.is_cuda() && x.numel() == k && x.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
+                weight.size(1) == k && k % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+                "one-row kernels: x one contiguous row, weight (n, k) contiguous in x's dtype, k a multiple of ", vec, ", 16-byte aligned");
+}
+
+// y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for one row of x.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-    const int64_t k = x.size(-1), n = weight.size(0);
-    auto x2 = x.reshape({-1, k});
-    const int64_t m = x2.size(0);
-    const int vec = 16 / x.element_size();
-    TORCH_CHECK(x.is_cuda() && weight.scalar_type() == x.scalar_type() && weight.is_contiguous() && weight.size(1) == k, "gemv: x (..., k), weight (n, k) contiguous, one dtype");
-    TORCH_CHECK(m <= 8 && k % vec == 0 && x2.stride(1) == 1 && x2.stride(0) % vec == 0 &&
-                reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
-                "gemv: at most 8 rows, k a multiple of ", vec, ", 16-byte aligned rows");
+    check_row(x, weight);
     const c10::cuda::CUDAGuard guard(x.device());
-    auto y = torch::empty({m, n}, x.options());
-    torch::Tensor bc = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : torch::Tensor();
-    auto stream = at::cuda::getCurrentCUDAStream();
-    const int blocks = static_cast<int>((n * 32 + 255) / 256);
-    dispatch(x.scalar_type(), [&](auto zero) {
-        using T = decltype(zero);
-        const T* xp = static_cast<const T*>(x2.data_ptr());
-        const T* wp = static_cast<const T*>(weight.data_ptr());
-        const T* bp = bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr;
-        T* yp = static_cast<T*>(y.data_ptr());
-        if (m == 1) gemv_kernel<T, 1><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
-        else if (m <= 2) gemv_kernel<T, 2><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
-        else if (m <= 4) gemv_kernel<T, 4><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
-        else gemv_kernel<T, 8><<<blocks, 256, 0, stream>>>(xp, x2.stride(0), wp, bp, yp, m, n, k);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t n = weight.size(0), k = weight.size(1);
     auto sizes = x.sizes().vec();
     sizes.back() = n;
-    return y.view(sizes);
+    auto y = torch::empty(sizes, x.options());
+    torch::Tensor bc = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : torch::Tensor();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch(x.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        gemv_kernel<T><<<(n * 32 + 255) / 256, 256, 0, stream>>>(static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
+                                                                 bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr,
+                                                                 static_cast<T*>(y.data_ptr()), static_cast<int>(n), static_cast<int>(k));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+}
+
+// (silu(conv step of x), z) for one decoded token: x, z = (hidden (1, 1, h) @ weight (2d, h)^T + bias)
+// split in halves; conv_state (1, d, k) updated in place.
+std::vector<torch::Tensor> in_proj_conv_step(torch::Tensor hidden, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                                             torch::Tensor conv_weight, c10::optional<torch::Tensor> conv_bias, torch::Tensor conv_state) {
+    check_row(hidden, weight);
+    const int64_t dim = weight.size(0) / 2, kernel = conv_weight.size(1);
+    TORCH_CHECK(kernel >= 2 && kernel <= 4 && conv_state.is_contiguous() && conv_state.scalar_type() == hidden.scalar_type() &&
+                conv_state.numel() == dim * kernel, "in_proj_conv_step: kernel 2..4, conv_state (1, d, k) contiguous in the model dtype");
+    const c10::cuda::CUDAGuard guard(hidden.device());
+    auto x = torch::empty({1, 1, dim}, hidden.options());
+    auto z = torch::empty({1, 1, dim}, hidden.options());
+    auto w = conv_weight.to(hidden.scalar_type()).contiguous();
+    torch::Tensor cb = conv_bias.has_value() ? conv_bias->to(hidden.scalar_type()).contiguous() : torch::Tensor();
+    torch::Tensor bc = bias.has_value() ? bias->to(hidden.scalar_type()).contiguous() : torch::Tensor();
+    ConvArgs conv{nullptr, w.data_ptr(), conv_bias.has_value() ? cb.data_ptr() : nullptr, conv_state.data_ptr(), x.data_ptr(), 0, 0, 1,
+                  static_cast<int>(dim), static_cast<int>(kernel)};
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const int blocks = static_cast<int>((2 * dim * 32 + 255) / 256);
+    dispatch(hidden.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        const T* hp = static_cast<const T*>(hidden.data_ptr());
+        const T* wp = static_cast<const T*>(weight.data_ptr());
+        const T* bp = bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr;
+        T* zp = static_cast<T*>(z.data_ptr());
+        const int k = static_cast<int>(weight.size(1));
+        switch (kernel) {
+            case 2: in_proj_conv_kernel<T, 2><<<blocks, 256, 0, stream>>>(hp, wp, bp, conv, zp, k); break;
+            case 3: in_proj_conv_kernel<T, 3><<<blocks, 256, 0, stream>>>(hp, wp, bp, conv, zp, k); break;
+            default: in_proj_conv_kernel<T, 4><<<blocks, 256, 0, stream>>>(hp, wp, bp, conv, zp, k); break;
+        }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {x, z};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("gemv", &gemv, "x @ W^T for at most 8 rows of x (CUDA)");
+    m.def("gemv", &gemv, "x @ W^T for one row of x (CUDA)");
+    m.def("in_proj_conv_step", &in_proj_conv_step, "in_proj + conv step of one decoded token (CUDA)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
     m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CUDA)");

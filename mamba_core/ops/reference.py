@@ -45,6 +45,15 @@ class TorchOps:
             weight = (weight.float() * scale[:, None]).to(x.dtype)  # (out, in)
         return F.linear(x, weight, bias)
 
+    def in_proj_conv_step(self, hidden, weight, bias, scale, conv_weight, conv_bias, conv_state) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoded token's in_proj and conv step: (silu(conv(x)), z) with x, z = in_proj(hidden).
+
+        hidden (b, 1, h); weight (2d, h) (int8 with `scale`, or the model dtype); conv_state (b, d, k)
+        updated in place. A backend may fuse all of it (the conv is channel-local).
+        """
+        x, z = self.linear(hidden, weight, bias, scale).chunk(2, dim=-1)  # (b, 1, d) each
+        return self.causal_conv1d(x, conv_weight, conv_bias, conv_state), z
+
     def add_rms_norm(
         self,
         x: torch.Tensor,  # (..., h) a block's output
