@@ -63,8 +63,9 @@ def _cached(kind: str, loader, build: bool):
 
 def load_cpu(build: bool = True):
     """The compiled CPU module; builds it if needed (and allowed). Raises RuntimeError with the reason."""
-    return _cached("cpu", lambda b: _compile("cpu", [CSRC / "cpu" / "mamba_cpu.cpp", CSRC / "cpu" / "linear_cpu.cpp", CSRC / "cpu" / "decode_cpu.cpp", CSRC / "cpu" / "vec.h"], _cpu_signature(), b,
-                                             {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast"]}), build)
+    sources = [CSRC / "cpu" / name for name in ("mamba_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp", "vec.h")] + [CSRC / "norm_tensors.h"]
+    flags = {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast"]}
+    return _cached("cpu", lambda b: _compile("cpu", sources, _cpu_signature(), b, flags), build)
 
 
 def load_cuda(build: bool = True):
@@ -77,7 +78,7 @@ def load_cuda(build: bool = True):
             raise RuntimeError("this torch build has no CUDA support")
         major, minor = torch.cuda.get_device_capability()
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # build for this GPU only: fast
-        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh", CSRC / "cuda" / "fused_kernels.cuh"]
+        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh", CSRC / "cuda" / "fused_kernels.cuh", CSRC / "norm_tensors.h"]
         return _compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda}", b,
                         {"extra_cuda_cflags": ["-O3", "-std=c++17"], "extra_cflags": ["-O3"]}, label=f"sm_{major}{minor}")
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "../norm_tensors.h"
 #include "vec.h"
 
 namespace {
@@ -42,28 +43,17 @@ void add_rms_norm_rows(const T* x, const R* residual, const T* weight, T* out, R
 // (normed, s) for x (..., h) and the residual stream before it (None for the first block).
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
                                         bool residual_fp32, bool cast_input) {
-    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "the norm weight must have x's dtype");
-    const int64_t h = x.size(-1), rows = x.numel() / h;
-    auto xc = x.contiguous();
-    const auto res_type = residual_fp32 ? torch::kFloat : x.scalar_type();
-    torch::Tensor rc;
-    if (residual.has_value()) {
-        TORCH_CHECK(residual->scalar_type() == res_type && residual->sizes() == x.sizes(), "residual must match x's shape, in the residual dtype");
-        rc = residual->contiguous();
-    }
-    auto out = torch::empty_like(xc);
-    auto res_out = torch::empty(xc.sizes(), xc.options().dtype(res_type));
-    auto wc = weight.contiguous();
+    const NormTensors t = norm_tensors(x, residual, weight, residual_fp32);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "add_rms_norm", [&] {
         using T = scalar_t;
-        if (residual_fp32)
-            add_rms_norm_rows<T, float>(xc.data_ptr<T>(), residual.has_value() ? rc.data_ptr<float>() : nullptr, wc.data_ptr<T>(),
-                                        out.data_ptr<T>(), res_out.data_ptr<float>(), rows, h, static_cast<float>(eps), cast_input);
-        else
-            add_rms_norm_rows<T, T>(xc.data_ptr<T>(), residual.has_value() ? rc.data_ptr<T>() : nullptr, wc.data_ptr<T>(),
-                                    out.data_ptr<T>(), res_out.data_ptr<T>(), rows, h, static_cast<float>(eps), cast_input);
+        auto run = [&](auto rzero) {
+            using R = decltype(rzero);
+            add_rms_norm_rows<T, R>(t.x.data_ptr<T>(), t.residual.defined() ? t.residual.data_ptr<R>() : nullptr, t.weight.data_ptr<T>(),
+                                    t.out.data_ptr<T>(), t.res_out.data_ptr<R>(), t.rows, t.h, static_cast<float>(eps), cast_input);
+        };
+        if (residual_fp32) run(0.0f); else run(T(0));
     });
-    return {out, res_out};
+    return {t.out, t.res_out};
 }
 
 // y (b, 1, d) of one decode step: dt = softplus(T(dt_low (b, 1, r) @ dt_weight (d, r)^T) + bias), as

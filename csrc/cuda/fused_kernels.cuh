@@ -47,24 +47,30 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(const T* x, 
     }
 }
 
-// One decode step of the causal conv: a thread per (batch, channel); the state holds the last K
-// inputs, oldest first.
+// One causal conv step of channel c: shift the new input into the state (the last K inputs,
+// oldest first, at st) and return silu(bias + weights . window).
+template <typename T, int K>
+__device__ __forceinline__ float conv_step(T* st, float input, const ConvArgs& a, int c) {
+    float win[K];
+#pragma unroll
+    for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
+    win[K - 1] = input;
+    float acc = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < K; j++) acc += win[j] * to_f(static_cast<const T*>(a.w)[(int64_t)c * K + j]);
+#pragma unroll
+    for (int j = 0; j < K; j++) st[j] = from_f<T>(win[j]);
+    return silu(acc);
+}
+
+// One decode step of the causal conv for a batch: a thread per (batch, channel).
 template <typename T, int K>
 __global__ void conv_step_kernel(ConvArgs a) {
     const int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= a.dim) return;
     const T* x = static_cast<const T*>(a.x) + b * a.x_sb;
     T* st = static_cast<T*>(a.state) + ((int64_t)b * a.dim + c) * K;
-    float win[K];
-#pragma unroll
-    for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
-    win[K - 1] = to_f(x[c]);
-    float acc = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
-#pragma unroll
-    for (int j = 0; j < K; j++) acc += win[j] * to_f(static_cast<const T*>(a.w)[(int64_t)c * K + j]);
-    static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>(silu(acc));
-#pragma unroll
-    for (int j = 0; j < K; j++) st[j] = from_f<T>(win[j]);
+    static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>(conv_step<T, K>(st, to_f(x[c]), a, c));
 }
 
 struct StepArgs {
@@ -177,18 +183,8 @@ __global__ void __launch_bounds__(256) in_proj_conv_kernel(const T* hidden, cons
         z[row - conv.dim] = v;
         return;
     }
-    const int c = row;
-    T* st = static_cast<T*>(conv.state) + (int64_t)c * K;
-    float win[K];
-#pragma unroll
-    for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
-    win[K - 1] = to_f(v);
-    float out = conv.bias ? to_f(static_cast<const T*>(conv.bias)[c]) : 0.0f;
-#pragma unroll
-    for (int j = 0; j < K; j++) out += win[j] * to_f(static_cast<const T*>(conv.w)[(int64_t)c * K + j]);
-    static_cast<T*>(conv.y)[c] = from_f<T>(silu(out));
-#pragma unroll
-    for (int j = 0; j < K; j++) st[j] = from_f<T>(win[j]);
+    T* st = static_cast<T*>(conv.state) + (int64_t)row * K;
+    static_cast<T*>(conv.y)[row] = from_f<T>(conv_step<T, K>(st, to_f(v), conv, row));
 }
 
 }  // namespace mamba

@@ -15,6 +15,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../norm_tensors.h"
 #include "fused_kernels.cuh"
 #include "mamba_kernels.cuh"
 
@@ -123,33 +124,23 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
 // is None), normed = weight * rmsnorm(s), with transformers' roundings (see fused_kernels.cuh).
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
                                         bool residual_fp32, bool cast_input) {
-    TORCH_CHECK(x.is_cuda() && weight.scalar_type() == x.scalar_type(), "x must be a CUDA tensor with the norm weight's dtype");
+    TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
     const c10::cuda::CUDAGuard guard(x.device());
-    const int64_t h = x.size(-1), rows = x.numel() / h;
-    auto xc = x.contiguous();
-    auto res_type = residual_fp32 ? torch::kFloat : x.scalar_type();
-    torch::Tensor rc;
-    if (residual.has_value()) {
-        TORCH_CHECK(residual->scalar_type() == res_type && residual->sizes() == x.sizes(), "residual must match x's shape, in the residual dtype");
-        rc = residual->contiguous();
-    }
-    auto out = torch::empty_like(xc);
-    auto res_out = torch::empty(xc.sizes(), xc.options().dtype(res_type));
+    const NormTensors t = norm_tensors(x, residual, weight, residual_fp32);
     auto stream = at::cuda::getCurrentCUDAStream();
-    auto wc = weight.contiguous();
     dispatch(x.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
         auto launch = [&](auto rzero) {
             using R = decltype(rzero);
-            add_rms_norm_kernel<T, R><<<rows, kNormThreads, 0, stream>>>(
-                static_cast<const T*>(xc.data_ptr()), residual.has_value() ? static_cast<const R*>(rc.data_ptr()) : nullptr,
-                static_cast<const T*>(wc.data_ptr()), static_cast<T*>(out.data_ptr()), static_cast<R*>(res_out.data_ptr()),
-                static_cast<int>(h), static_cast<float>(eps), cast_input);
+            add_rms_norm_kernel<T, R><<<t.rows, kNormThreads, 0, stream>>>(
+                static_cast<const T*>(t.x.data_ptr()), t.residual.defined() ? static_cast<const R*>(t.residual.data_ptr()) : nullptr,
+                static_cast<const T*>(t.weight.data_ptr()), static_cast<T*>(t.out.data_ptr()), static_cast<R*>(t.res_out.data_ptr()),
+                static_cast<int>(t.h), static_cast<float>(eps), cast_input);
         };
         if (residual_fp32) launch(0.0f); else launch(zero);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {out, res_out};
+    return {t.out, t.res_out};
 }
 
 // y (b, 1, d) of one decode step: dt = dt_low (b, 1, r) @ dt_weight (d, r)^T, then the scan step

@@ -1,0 +1,29 @@
+// The tensors of a residual add + RMSNorm call, checked and allocated the same way for the CPU
+// (cpu/decode_cpu.cpp) and CUDA (cuda/mamba_cuda.cu) kernels.
+#pragma once
+#include <torch/extension.h>
+
+struct NormTensors {
+    torch::Tensor x, residual, weight;  // contiguous inputs; residual undefined for the first block
+    torch::Tensor out, res_out;         // normed (x's dtype), and the new residual stream s
+    int64_t h, rows;
+};
+
+// s = residual + x is float32 when residual_fp32, else x's dtype; the weight must have x's dtype.
+inline NormTensors norm_tensors(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual, const torch::Tensor& weight,
+                                bool residual_fp32) {
+    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "the norm weight must have x's dtype");
+    const auto res_type = residual_fp32 ? torch::kFloat : x.scalar_type();
+    NormTensors t;
+    t.h = x.size(-1);
+    t.rows = x.numel() / t.h;
+    t.x = x.contiguous();
+    t.weight = weight.contiguous();
+    if (residual.has_value()) {
+        TORCH_CHECK(residual->scalar_type() == res_type && residual->sizes() == x.sizes(), "residual must match x's shape, in the residual dtype");
+        t.residual = residual->contiguous();
+    }
+    t.out = torch::empty_like(t.x);
+    t.res_out = torch::empty(t.x.sizes(), t.x.options().dtype(res_type));
+    return t;
+}
