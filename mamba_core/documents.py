@@ -35,19 +35,22 @@ class DataFile:
         if b"\x00" in head:
             raise MambaError(f"--data {name}: looks like a binary file (NUL bytes); give UTF-8 text (.txt) or JSON lines (.jsonl)")
         digest, self.bytes = hashlib.sha256(), 0
-        for raw in self._raw():
+        strict, invalid_utf8 = codecs.getincrementaldecoder("utf-8")(errors="strict"), False
+        for raw in self._raw():  # one pass: hash, size and UTF-8 validity
             digest.update(raw)
             self.bytes += len(raw)
+            invalid_utf8 = invalid_utf8 or not _decodes(strict, raw)
+        invalid_utf8 = invalid_utf8 or not _decodes(strict, b"", final=True)
         self.sha256 = digest.hexdigest()
         self.documents = self.words = self.text_bytes = 0
         for pieces in self.texts():
             self.documents += 1
-            for piece, starts_word in _words_in(pieces):
-                self.words += starts_word
+            for piece, words in _words_in(pieces):
+                self.words += words
                 self.text_bytes += len(piece.encode("utf-8", "surrogatepass"))
         if not self.words:
             raise MambaError(f"--data {name}: holds no text to evaluate")
-        if self._invalid_utf8():
+        if invalid_utf8:
             warnings.warn(f"{self.label} is not valid UTF-8; invalid bytes were replaced with U+FFFD")
 
     def texts(self) -> Iterator[Iterator[str]]:
@@ -83,15 +86,14 @@ class DataFile:
                 raise MambaError(f"{self.path}:{number}: no string field '{self.text_field}' (choose the field with --text-field)")
             yield iter((row[self.text_field],))
 
-    def _invalid_utf8(self) -> bool:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-        try:
-            for raw in self._raw():
-                decoder.decode(raw)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return True
+
+def _decodes(decoder: codecs.IncrementalDecoder, raw: bytes, final: bool = False) -> bool:
+    """Whether `raw` continues valid UTF-8 (a strict incremental decoder)."""
+    try:
+        decoder.decode(raw, final=final)
+    except UnicodeDecodeError:
         return False
+    return True
 
 
 def _words_in(pieces: Iterator[str]) -> Iterator[tuple[str, int]]:
