@@ -10,12 +10,12 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-[ -n "${SPLITS-4,8,16}" ] && ( cd benchmarks && python3 scan_variants.py --build-only --splits ${SPLITS:-4,8,16} > "$OUT/scan-variants-build.txt" 2>&1 ) &  # compile meanwhile
+[ -n "${VARIANTS-split=4;split=8}" ] && ( cd benchmarks && python3 scan_variants.py --build-only --variants "${VARIANTS:-split=4;split=8}" > "$OUT/scan-variants-build.txt" 2>&1 ) &  # compile meanwhile
 ( time python3 -m mamba_cli kernels build ) 2>&1 | tee "$OUT/build.txt"
 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/pytest.txt"
 python3 benchmarks/scan_microbench.py 2>&1 | tee "$OUT/scan.txt"
 wait
-[ -n "${SPLITS-4,8,16}" ] && ( cd benchmarks && python3 scan_variants.py --splits ${SPLITS:-4,8,16} ) 2>&1 | tee "$OUT/scan-variants.md"
+[ -n "${VARIANTS-split=4;split=8}" ] && ( cd benchmarks && python3 scan_variants.py --variants "${VARIANTS:-split=4;split=8}" ) 2>&1 | tee "$OUT/scan-variants.md"
 C=benchmarks/configs
 python3 benchmarks/profile_decode.py --config $C/mamba-130m-hf --batch 1,64 2>&1 | tee "$OUT/profile-decode.md"
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 --backend torch,auto -p 2048 -g 128 -b 1 -r 3 2>&1 | tee "$OUT/bench-130m-b1.md"

@@ -7,10 +7,12 @@
 // with any strides on b and l and unit stride on the last dimension; states are contiguous
 // (b, d, n) float32 and (b, d, k) in the model dtype.
 //
-// Scan: a thread owns one channel and n / kSplit of its states (kSplit = 8 threads per channel,
-// partial outputs summed in shared memory) and walks the whole sequence once with the state in
-// registers; each chunk of kChunk steps of u, dt, z, B and C is first staged in shared memory by
-// the whole block (B and C loaded once per block of channels). All arithmetic is float32.
+// Scan: kSplit adjacent lanes share a channel, each holding n / kSplit of its states in registers,
+// and walk the whole sequence once; every kSplit steps they reduce-scatter their partial outputs
+// with shuffles. Each chunk of kChunk steps of u, dt, z, B and C is staged in shared memory by the
+// whole block (B and C loaded once per block of channels) from loads issued during the previous
+// chunk. All arithmetic is float32; the decays use an exact polynomial exp2 for float32 inputs and
+// the hardware's ex2 for bf16/fp16 inputs (see mamba_kernels.cuh).
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
