@@ -164,6 +164,7 @@ class MambaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.backend = "torch"
         self.quantization: str | None = None  # "int8" after quantize.quantize_model_
+        self.cpu_prefill_rows = 1024  # see forward
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -187,8 +188,18 @@ class MambaForCausalLM(nn.Module):
         """Logits (b, l, vocab) in float32 for ids (b, l), continuing from `cache` if given.
 
         `logits_to_keep=k` computes the head for the last k positions only (1 for generation).
-        The cache is updated in place to the state after the last token.
+        The cache is updated in place to the state after the last token. On the CPU, with a cache
+        and logits_to_keep, a long prompt runs in chunks of about `cpu_prefill_rows` rows (batch x
+        tokens): the same result (the cache carries the state exactly), with activation memory
+        bounded by the chunk instead of the prompt, at the same speed.
         """
+        if cache is not None and logits_to_keep and self.device.type == "cpu":
+            step = max(self.cpu_prefill_rows // input_ids.shape[0], logits_to_keep)
+            while input_ids.shape[1] > step:  # earlier chunks: only the state they leave matters
+                head = (input_ids.shape[1] - 1) % step + 1  # so that the rest are whole chunks
+                self.backbone(input_ids[:, :head], cache, 1)
+                cache.seen_tokens += head
+                input_ids = input_ids[:, head:]
         hidden = self.backbone(input_ids, cache, logits_to_keep)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]

@@ -43,6 +43,29 @@ def test_chunked_prefill_equals_prefill_at_once(tiny, chunks):
     assert rel_err(cache.conv_states[5], whole_cache.conv_states[5]) <= 1e-5
 
 
+@pytest.mark.parametrize("length, keep", [(611, 1), (130, 5), (64, 3)])
+def test_cpu_prefill_in_row_chunks_equals_prefill_at_once(tiny, length, keep):
+    """A CPU prompt with a cache runs in chunks of cpu_prefill_rows rows (here 2 x 32): same logits,
+    state and token count as one pass (64 tokens: one chunk exactly)."""
+    model = tiny.model
+    ids = _ids(2, length, seed=4)
+    whole_cache, cache = model.make_cache(2), model.make_cache(2)
+    whole = model(ids, whole_cache)[:, -keep:]
+    passes = []
+    hook = model.backbone.register_forward_hook(lambda *_: passes.append(1))
+    model.cpu_prefill_rows = 64
+    try:
+        got = model(ids, cache, logits_to_keep=keep)
+    finally:
+        model.cpu_prefill_rows = 1024
+        hook.remove()
+    assert len(passes) == -(-length // 32)
+    assert got.shape == whole.shape and rel_err(got, whole) <= 1e-5
+    assert rel_err(cache.ssm_states[3], whole_cache.ssm_states[3]) <= 1e-5
+    assert rel_err(cache.conv_states[5], whole_cache.conv_states[5]) <= 1e-5
+    assert cache.seen_tokens == length
+
+
 def test_batch_equals_single(tiny):
     model = tiny.model
     ids = _ids(3, 50, seed=5)
