@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
 #pragma unroll
     for (int i = 0; i < S; i++) {
         h[i] = st[i];
-        Av[i] = Ac[i];
+        Av[i] = Ac[i] * kLog2e;  // A * log2(e), as in the scan kernel
         Bv[i] = to_f(Bp[i]);
         Cv[i] = to_f(Cp[i]);
     }
@@ -114,15 +114,19 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const T* dl = static_cast<const T*>(a.dt_low) + b * a.dl_sb;
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
     float acc = 0.0f;
-    for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);
+#pragma unroll 8
+    for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // unrolled: 8 loads in flight, not 1
 #pragma unroll
     for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, L);
-    const float dt = softplus(to_f(from_f<T>(acc)) + bias);
+    constexpr bool kFast = !std::is_same<T, float>::value;  // the prefill scan's numerics (mamba_kernels.cuh)
+    const float x = to_f(from_f<T>(acc)) + bias;
+    const float dt = kFast ? softplus_fast(x) : softplus(x);
     const float du = dt * u;
     float p = 0.0f;
 #pragma unroll
     for (int i = 0; i < S; i++) {
-        h[i] = exp_decay(dt * Av[i]) * h[i] + du * Bv[i];
+        const float decay = kFast ? exp2_fast(dt * Av[i]) : exp2_poly(dt * Av[i]);
+        h[i] = decay * h[i] + du * Bv[i];
         p += h[i] * Cv[i];
     }
     if (active) {

@@ -64,7 +64,6 @@ __device__ __forceinline__ float exp2_fast(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-__device__ __forceinline__ float exp_decay(float x) { return exp2_poly(x * kLog2e); }
 
 struct ScanArgs {
     const void *u, *delta, *B, *C, *z;
