@@ -5,6 +5,9 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace mamba_cpu {
 
@@ -33,6 +36,15 @@ inline vf vexp(vf x) {
     return p * reinterpret_cast<const vf&>(bits);
 }
 
+// The sum of v's lanes by folding halves with shuffles: 4 dependent additions instead of 15.
+inline float hsum(vf v) {
+    typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+    typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 // 16 consecutive values as floats: one vector load (and for bf16 a widening shift). Only these
 // whole-vector paths are fast: GCC turns an element loop over floats into a memcpy call whose small
 // stores then stall the vector load that reads them back (measured: 3x slower scan).
@@ -43,6 +55,9 @@ inline vf load16(const float* p) {
 }
 
 inline vf load16(const c10::BFloat16* p) {
+#ifdef __AVX512F__  // one zero-extending load and a shift (GCC's generic conversion below takes five instructions)
+    return reinterpret_cast<vf>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+#endif
     typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
     typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
     vh h;
