@@ -25,6 +25,7 @@ namespace {
 using namespace mamba_cpu;
 
 constexpr int64_t kTile = kLanes;  // channels per work item
+constexpr int64_t kAhead = 16;      // software prefetch distance, in time steps
 
 // Strided view of a (b, l, c) tensor with unit stride on c.
 template <typename T>
@@ -53,6 +54,13 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
         }
     const vf dskip = D != nullptr ? load_tile(D + c0, width) : vf{};
     for (int64_t t = 0; t < length; t++) {
+        if (t + kAhead < length) {  // rows are pages apart: the hardware prefetcher does not follow
+            __builtin_prefetch(u.row(b, t + kAhead) + c0);
+            __builtin_prefetch(dt.row(b, t + kAhead) + c0);
+            __builtin_prefetch(Bm.row(b, t + kAhead));
+            __builtin_prefetch(Cm.row(b, t + kAhead));
+            if (z != nullptr) __builtin_prefetch(z->row(b, t + kAhead) + c0);
+        }
         const vf uv = load_tile(u.row(b, t) + c0, width);
         const vf dtv = load_tile(dt.row(b, t) + c0, width);
         const vf du = dtv * uv;
@@ -132,6 +140,7 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
                     }
                 const vf bv = load_tile(bp + c0, width);
                 for (int64_t t = 0; t < length; t++) {
+                    if (t + kAhead < length) __builtin_prefetch(xv.row(b, t + kAhead) + c0);  // as in the scan
                     for (int64_t j = 0; j + 1 < kernel; j++) window[j] = window[j + 1];
                     window[kernel - 1] = load_tile(xv.row(b, t) + c0, width);
                     vf acc = bv;
