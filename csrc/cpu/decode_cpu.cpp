@@ -136,10 +136,7 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
                 }
                 vf out = sum + dskip * uv;  // the D skip and the SiLU gate for the 16 rows at once
                 if (zp != nullptr) out *= zv / (1.0f + vexp(-zv));
-                for (int64_t r = 0; r < rows; r++) {
-                    const int64_t i = i0 + r;
-                    yp[(i / dim) * dim + i % dim] = static_cast<T>(out[r]);
-                }
+                for (int64_t r = 0; r < rows; r++) yp[i0 + r] = static_cast<T>(out[r]);  // y is (b, 1, d) contiguous
             }
         });
     });

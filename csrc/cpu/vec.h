@@ -57,7 +57,7 @@ inline vf load16(const float* p) {
 inline vf load16(const c10::BFloat16* p) {
 #ifdef __AVX512F__  // one zero-extending load and a shift (GCC's generic conversion below takes five instructions)
     return reinterpret_cast<vf>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-#endif
+#else
     typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
     typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
     vh h;
@@ -66,6 +66,7 @@ inline vf load16(const c10::BFloat16* p) {
     vf v;
     std::memcpy(&v, &bits, sizeof(v));
     return v;
+#endif
 }
 
 template <typename T>

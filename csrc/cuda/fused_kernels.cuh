@@ -118,15 +118,12 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // unrolled: 8 loads in flight, not 1
 #pragma unroll
     for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, L);
-    constexpr bool kFast = !std::is_same<T, float>::value;  // the prefill scan's numerics (mamba_kernels.cuh)
-    const float x = to_f(from_f<T>(acc)) + bias;
-    const float dt = kFast ? softplus_fast(x) : softplus(x);
+    const float dt = softplus_for<T>(to_f(from_f<T>(acc)) + bias);  // the prefill scan's numerics
     const float du = dt * u;
     float p = 0.0f;
 #pragma unroll
     for (int i = 0; i < S; i++) {
-        const float decay = kFast ? exp2_fast(dt * Av[i]) : exp2_poly(dt * Av[i]);
-        h[i] = decay * h[i] + du * Bv[i];
+        h[i] = exp2_for<T>(dt * Av[i]) * h[i] + du * Bv[i];
         p += h[i] * Cv[i];
     }
     if (active) {

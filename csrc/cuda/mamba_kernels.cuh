@@ -65,6 +65,17 @@ __device__ __forceinline__ float exp2_fast(float x) {
     return y;
 }
 
+// The numerics by input type, shared by the prefill scan and the decode step so that both agree:
+// float32 inputs take the exact functions, bf16/fp16 inputs the hardware ones.
+template <typename T>
+constexpr bool kHardwareMath = !std::is_same<T, float>::value;
+template <typename T>
+__device__ __forceinline__ float softplus_for(float x) { return kHardwareMath<T> ? softplus_fast(x) : softplus(x); }
+template <typename T>
+__device__ __forceinline__ float exp2_for(float x) { return kHardwareMath<T> ? exp2_fast(x) : exp2_poly(x); }
+template <typename T>
+__device__ __forceinline__ float silu_for(float x) { return kHardwareMath<T> ? silu_fast(x) : silu(x); }
+
 struct ScanArgs {
     const void *u, *delta, *B, *C, *z;
     const float *A, *D;
@@ -132,7 +143,6 @@ __device__ __forceinline__ void load_tile(const T* p, int64_t sl, int t0, int le
 // reduce-scatter their partial outputs, so that each lane finishes and writes one step's output.
 template <typename T, int MAXN>
 __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
-    constexpr bool kFast = !std::is_same<T, float>::value;  // hardware exp for 16-bit inputs
     constexpr int kWidth = kSplit * MAXN;  // padded state size
     constexpr int kLoadsBC = tile_loads(kWidth);
     constexpr int kLoadsU = tile_loads(kChannels);
@@ -187,10 +197,10 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
 #pragma unroll
         for (int k = 0; k < kLoadsU; k++) {
             const int t = threadIdx.x / kChannels + k * (kThreads / kChannels), cl = threadIdx.x % kChannels;
-            const float dt = t0 + t < a.length ? (kFast ? softplus_fast(rd[k] + bias) : softplus(rd[k] + bias)) : 0.0f;
+            const float dt = t0 + t < a.length ? softplus_for<T>(rd[k] + bias) : 0.0f;
             sDtU[t][cl] = make_float2(dt, dt * ru[k]);
             sDu[t][cl] = Dc * ru[k];
-            sZ[t][cl] = z ? (kFast ? silu_fast(rz[k]) : silu(rz[k])) : 1.0f;
+            sZ[t][cl] = z ? silu_for<T>(rz[k]) : 1.0f;
         }
         __syncthreads();
         if (t0 + kChunk < a.length) load(t0 + kChunk);
@@ -206,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
                 float part_sum[2] = {0.0f, 0.0f};  // two chains: half the dependent FMAs per step
 #pragma unroll
                 for (int i = 0; i < MAXN; i++) {
-                    const float decay = kFast ? exp2_fast(du.x * A2[i]) : exp2_poly(du.x * A2[i]);
+                    const float decay = exp2_for<T>(du.x * A2[i]);
                     h[i] = fmaf(decay, h[i], du.y * Bv[i]);
                     part_sum[i % 2] = fmaf(h[i], Cv[i], part_sum[i % 2]);
                 }
