@@ -39,8 +39,8 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _build_name(kind: str, sources: list[Path], target: str) -> str:
-    digest = hashlib.sha256()
+def _build_name(kind: str, sources: list[Path], target: str, flags: dict) -> str:
+    digest = hashlib.sha256(repr(sorted(flags.items())).encode())
     for source in sources:
         digest.update(source.read_bytes())
     digest.update(torch.__version__.encode())
@@ -64,7 +64,9 @@ def _cached(kind: str, loader, build: bool):
 def load_cpu(build: bool = True):
     """The compiled CPU module; builds it if needed (and allowed). Raises RuntimeError with the reason."""
     sources = [CSRC / "cpu" / name for name in ("mamba_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp", "vec.h")] + [CSRC / "norm_tensors.h"]
-    flags = {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast"]}
+    # -fopenmp: ATen's parallel_for is inline OpenMP in torch's headers and runs serially without
+    # it; the OpenMP symbols then resolve to the libgomp that torch itself loads (one thread pool).
+    flags = {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]}
     return _cached("cpu", lambda b: _compile("cpu", sources, _cpu_signature(), b, flags), build)
 
 
@@ -95,7 +97,7 @@ def _compile(kind: str, sources: list[Path], target: str, build: bool, flags: di
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed, so kernels cannot be built (pip install ninja)")
-    name = _build_name(kind, sources, target)
+    name = _build_name(kind, sources, target, flags)
     directory = cache_dir() / name
     built = any(directory.glob(f"{name}*.so"))
     if not built and not build:
@@ -140,15 +142,25 @@ class _KernelOps(TorchOps):
 
 
 class CpuKernelOps(_KernelOps):
-    """The compiled CPU backend (softplus of the step sizes in torch, the rest in csrc/cpu)."""
+    """The compiled CPU backend (csrc/cpu; a prompt's softplus of the step sizes in torch): a decoded
+    token runs each layer's mixer in one call (`mixer_step`)."""
 
     name = "cpu-kernels"
-    gemv_rows = 16  # up to this many rows of x, int8 products use the matrix-vector kernel
+    gemv_rows = 16  # up to this many rows of x, products use the matrix-vector kernel
 
     def linear(self, x, weight, bias=None, scale=None):
-        if weight.dtype == torch.int8 and x.numel() <= self.gemv_rows * x.shape[-1]:
-            return self.module.linear_int8(x, weight, bias, scale)
+        if x.numel() <= self.gemv_rows * x.shape[-1] and weight.is_contiguous() and (
+                weight.dtype == torch.int8 or weight.dtype == x.dtype in (torch.float32, torch.bfloat16)):
+            return self.module.linear_rows(x, weight, bias, scale)
         return super().linear(x, weight, bias, scale)
+
+    def mixer_step(self, mixer, hidden, conv_state, ssm_state):
+        if hidden.dtype not in (torch.float32, torch.bfloat16) or hidden.shape[0] > self.gemv_rows or mixer.dt_proj.weight.dtype != hidden.dtype:
+            return super().mixer_step(mixer, hidden, conv_state, ssm_state)
+        in_proj, out_proj = mixer.in_proj, mixer.out_proj
+        return self.module.mixer_step(hidden, in_proj.weight, in_proj.bias, getattr(in_proj, "weight_scale", None), mixer.conv1d.weight,
+                                      mixer.conv1d.bias, conv_state, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
+                                      mixer.A(), mixer.D, ssm_state, out_proj.weight, out_proj.bias, getattr(out_proj, "weight_scale", None))
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()

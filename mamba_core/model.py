@@ -99,20 +99,13 @@ class MambaMixer(nn.Module):
         """hidden (b, l, h) -> (b, l, h); reads and updates this layer's states in `cache`."""
         conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
         ssm_state = cache.ssm_states[self.layer_idx] if cache is not None else None
-        conv_weight = self.conv1d.weight[:, 0, :]  # (d, k)
-        decoding = hidden.shape[1] == 1 and cache is not None  # one token: backends fuse in_proj + conv, and dt_proj + scan
-        if decoding:
-            scale = getattr(self.in_proj, "weight_scale", None)  # int8 weights
-            x, z = self.ops.in_proj_conv_step(hidden, self.in_proj.weight, self.in_proj.bias, scale, conv_weight, self.conv1d.bias, conv_state)
-        else:
-            x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
-            x = self.ops.causal_conv1d(x, conv_weight, self.conv1d.bias, conv_state)
+        if hidden.shape[1] == 1 and cache is not None:  # one decoded token: backends fuse the layer
+            return self.ops.mixer_step(self, hidden, conv_state, ssm_state)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
+        x = self.ops.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state)  # (d, k) taps
         dt, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
-        if decoding:
-            y = self.ops.decode_step(x, dt, self.dt_proj.weight, self.A(), B, C, self.D, z, self.dt_proj.bias, ssm_state)
-        else:
-            dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan in fp32
-            y = self.ops.selective_scan(x, dt, self.A(), B, C, self.D, z, self.dt_proj.bias, ssm_state)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias is added inside the scan in fp32
+        y = self.ops.selective_scan(x, dt, self.A(), B, C, self.D, z, self.dt_proj.bias, ssm_state)
         return self.out_proj(y)
 
 

@@ -53,14 +53,16 @@ def test_scan_kernel_bfloat16():
 
 
 @pytest.mark.parametrize("kernel", [2, 3, 4])
-def test_conv_kernel_matches_reference_and_continues(kernel):
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_kernel_matches_reference_and_continues(kernel, use_bias):
+    """Chunks of a prompt and single decoded tokens (the one-token path) continue exactly."""
     g = torch.Generator().manual_seed(kernel)
     x = torch.randn(2, 50, 2 * 37, generator=g)[..., :37]  # a strided view
-    w, bias = torch.randn(37, kernel, generator=g), torch.randn(37, generator=g)
-    state_ref, state = torch.randn(2, 37, kernel, generator=g), None
+    w, bias = torch.randn(37, kernel, generator=g), torch.randn(37, generator=g) if use_bias else None
+    state_ref = torch.randn(2, 37, kernel, generator=g)
     state = state_ref.clone()
     expected = TorchOps().causal_conv1d(x, w, bias, state_ref)
-    got = torch.cat([kernels.causal_conv1d(x[:, a:e], w, bias, state) for a, e in ((0, 1), (1, 20), (20, 50))], dim=1)
+    got = torch.cat([kernels.causal_conv1d(x[:, a:e], w, bias, state) for a, e in ((0, 1), (1, 2), (2, 20), (20, 49), (49, 50))], dim=1)
     assert rel_err(got, expected) <= 1e-6 and torch.equal(state, state_ref)
 
 
@@ -79,13 +81,14 @@ def test_add_rms_norm_matches_torch(dtype, residual_fp32, first, cast_input):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_matches_torch_ops(dtype):
-    b, d, n, r = 3, 70, 16, 13
+@pytest.mark.parametrize("n, bias_scale", [(16, 1.0), (5, 1.0), (16, 12.0)])  # a large bias: softplus's linear and tiny ends
+def test_decode_step_matches_torch_ops(dtype, n, bias_scale):
+    b, d, r = 3, 70, 13
     g = torch.Generator().manual_seed(2)
     xz = torch.randn(b, 1, 2 * d, generator=g).to(dtype)
     u, z = xz.chunk(2, dim=-1)
     low = torch.randn(b, 1, r + 2 * n, generator=g).to(dtype)  # as x_proj's output: dt_low, B, C views
-    weight, bias = (torch.randn(d, r, generator=g) / 4).to(dtype), torch.randn(d, generator=g).to(dtype)
+    weight, bias = (torch.randn(d, r, generator=g) / 4).to(dtype), (torch.randn(d, generator=g) * bias_scale).to(dtype)
     A, D = -torch.rand(d, n, generator=g) * 8, torch.randn(d, generator=g)
     h0 = torch.randn(b, d, n, generator=g)
     args = (u, low[..., :r], weight, A, low[..., r : r + n], low[..., r + n :], D, z, bias)

@@ -1,4 +1,4 @@
-"""Low-precision weights on the CPU: the matrix-vector kernel, int8 quantization, its checkpoints and quality."""
+"""Low-precision weights on the CPU: the decode matrix-vector kernel, int8 quantization, its checkpoints and quality."""
 
 from __future__ import annotations
 
@@ -20,15 +20,25 @@ runner = CliRunner()
 
 @pytest.mark.parametrize("n, k, rows", [(1, 16, 1), (37, 29, 1), (100, 128, 3), (4099, 770, 5), (64, 1536, 16)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_gemv_kernel_matches_float64(n, k, rows, bias):
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+def test_gemv_kernel_matches_float64(n, k, rows, bias, weights):
+    """The decode matrix-vector kernel against float64 on the same (rounded) inputs."""
     g = torch.Generator().manual_seed(n + k + rows)
     w, x, b = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
     b = b if bias else None
-    q, scale = quantize_tensor(w)
-    want = x.double() @ (q.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
-    assert rel_err(kernels.module.linear_int8(x, q, b, scale), want) <= 1e-6
-    got = kernels.module.linear_int8(x.bfloat16()[None], q, b, scale)  # bf16 activations, leading dims kept
-    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, n) and rel_err(got[0].float(), want) <= 1e-2
+    if weights == "int8":
+        q, scale = quantize_tensor(w)
+        want = x.double() @ (q.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
+        assert rel_err(kernels.module.linear_rows(x, q, b, scale), want) <= 1e-6
+        got = kernels.module.linear_rows(x.bfloat16()[None], q, b, scale)  # bf16 activations, leading dims kept
+        assert got.dtype == torch.bfloat16 and got.shape == (1, rows, n) and rel_err(got[0].float(), want) <= 1e-2
+        return
+    dtype = getattr(torch, weights)
+    x, w = x.to(dtype), w.to(dtype)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    got = kernels.module.linear_rows(x[None], w, b, None)
+    assert got.dtype == dtype and got.shape == (1, rows, n)
+    assert rel_err(got[0], want) <= (1e-6 if dtype == torch.float32 else 4e-3)  # bf16: the output's rounding
 
 
 def test_quantize_tensor_error_is_half_a_step():

@@ -1,6 +1,7 @@
-// The non-matmul work of a decoded token in one call per op instead of a dozen torch ops: the
-// residual add + RMSNorm, and dt_proj + bias + softplus + the scan step. At one token, each torch
-// op costs more in dispatch than in arithmetic (a 130M model decodes 24 layers x ~20 of them).
+// A decoded token in a few calls per layer instead of dozens of torch ops: the residual add +
+// RMSNorm, and the whole mixer (in_proj, conv step, x_proj, dt_proj + softplus + the scan step,
+// out_proj). At one token, each torch op or Python call costs more in dispatch than in arithmetic
+// (a 130M model decodes 24 layers x ~20 of them: ~2.3 ms of a 14-20 ms token on a 2-core host).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -55,90 +56,109 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Te
     });
     return {t.out, t.res_out};
 }
+namespace {
 
-// y (b, 1, d) of one decode step: dt = softplus(T(dt_low (b, 1, r) @ dt_weight (d, r)^T) + bias), as
-// the unfused path rounds it, then the scan step from `state` (b, d, n) float32, updated in place.
-// Unlike the prompt scan (vectorised over 16 channels, the state read transposed, which a long
-// prompt amortises), a step is vectorised over a channel's states: its state row is contiguous.
+// One tile of a decode step: rows i0 .. i0+rows-1 of the (b * d) channels, all of one sequence b
+// (a tile never crosses a sequence). dt = softplus(T(dt_low . dt_weight[c]) +
+// bias[c]) as the unfused path rounds it, then for each channel its state row (n,) contiguous:
+// h = exp(dt A) h + dt u B, y = <h, C> + D u, gated by silu(z). Per-channel values live in 16-lane
+// vectors filled through small arrays (a vector lane chosen at run time is a store and a reload).
+template <typename T>
+void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const float* lowf, const T* wp, const float* bias,
+                 const T* up, const T* zp, const T* Bp, const T* Cp, const float* Ap, const float* Dp, float* hp, T* yp) {
+    alignas(64) float raw[kLanes] = {}, sums[kLanes] = {}, dts[kLanes];
+    for (int64_t r = 0; r < rows; r++) {  // dt_proj: a dot product over the rank per channel
+        const T* w = wp + (c0 + r) * rank;
+        vf acc = {};
+        for (int64_t j = 0; j < rank; j += kLanes) acc += load_tile(lowf + j, std::min(kLanes, rank - j)) * load_tile(w + j, std::min(kLanes, rank - j));
+        raw[r] = static_cast<float>(static_cast<T>(hsum(acc))) + bias[c0 + r];
+    }
+    const vf dt = vsoftplus(load16(raw));
+    std::memcpy(dts, &dt, sizeof(dts));
+    const vf u = load_tile(up + c0, rows);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t c = c0 + r;
+        const float du = dts[r] * static_cast<float>(up[c0 + r]);
+        float* h = hp + c * nstate;  // (n,)
+        vf acc = {};
+        for (int64_t n0 = 0; n0 < nstate; n0 += kLanes) {
+            const int64_t width = std::min(kLanes, nstate - n0);
+            vf hv = load_tile(h + n0, width);
+            hv = vexp(dts[r] * load_tile(Ap + c * nstate + n0, width)) * hv + du * load_tile(Bp + n0, width);
+            store_tile(h + n0, hv, width);
+            acc += hv * load_tile(Cp + n0, width);
+        }
+        sums[r] = hsum(acc);
+    }
+    vf out = load16(sums);
+    if (Dp != nullptr) out += load_tile(Dp + c0, rows) * u;
+    if (zp != nullptr) {
+        const vf zv = load_tile(zp + c0, rows);
+        out *= zv / (1.0f + vexp(-zv));
+    }
+    store_tile(yp + c0, out, rows);
+}
+
+}  // namespace
+
+// y (b, 1, d) of one decode step from `state` (b, d, n) float32, updated in place: dt_proj, bias,
+// softplus and the scan step in one pass over tiles of 16 channels (see decode_tile). Unlike the
+// prompt scan (vectorised over 16 channels, the state read transposed, which a long prompt
+// amortises), a step is vectorised over a channel's states: its state row is contiguous.
 torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor dt_weight, torch::Tensor A, torch::Tensor B, torch::Tensor C,
                           c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
                           torch::Tensor state) {
     TORCH_CHECK(u.dim() == 3 && u.size(1) == 1 && dt_low.stride(2) == 1, "decode_step takes one token: u (b, 1, d), dt_low (b, 1, r)");
-    TORCH_CHECK(dt_weight.scalar_type() == dt_low.scalar_type(), "dt_low and dt_weight must share a dtype");
-    const int64_t batch = u.size(0), dim = u.size(2), rank = dt_low.size(2);
-    auto w = dt_weight.contiguous();
-    auto bias = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::zeros({dim}, u.options().dtype(torch::kFloat));
-    auto raw = torch::empty({batch, 1, dim}, u.options().dtype(torch::kFloat));  // (b, 1, d) float32
-    const int64_t low_sb = dt_low.stride(0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, dt_low.scalar_type(), "decode_step", [&] {
-        using T = scalar_t;
-        const T* low = dt_low.data_ptr<T>();
-        const T* wp = w.data_ptr<T>();
-        const float* bp = bias.data_ptr<float>();
-        float* out = raw.data_ptr<float>();
-        TORCH_CHECK(rank <= 256, "decode_step supports a dt rank up to 256");
-        for (int64_t b = 0; b < batch; b++) {
-            float lowf[256];
-            for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(low[b * low_sb + j]);
-            at::parallel_for(0, dim, 64, [&](int64_t begin, int64_t end) {
-                for (int64_t c = begin; c < end; c++) {  // 16 lanes of the rank at a time (bf16 widened by a shift)
-                    vf acc = {};
-                    for (int64_t j = 0; j < rank; j += kLanes) {
-                        const int64_t width = std::min(kLanes, rank - j);
-                        acc += load_tile(lowf + j, width) * load_tile(wp + c * rank + j, width);
-                    }
-                    out[b * dim + c] = static_cast<float>(static_cast<T>(hsum(acc))) + bp[c];
-                }
-            });
-        }
-    });
-    const auto dt = at::softplus(raw).contiguous();  // torch's own, as the prompt path applies it
+    TORCH_CHECK(dt_weight.scalar_type() == dt_low.scalar_type() && dt_low.scalar_type() == u.scalar_type(), "dt_low, dt_weight and u must share a dtype");
     TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat && A.is_contiguous() && A.scalar_type() == torch::kFloat,
                 "A and state must be contiguous float32");
-    TORCH_CHECK(B.scalar_type() == u.scalar_type() && C.scalar_type() == u.scalar_type() && B.stride(2) == 1 && C.stride(2) == 1,
-                "B and C must have u's dtype and unit stride on n");
-    const int64_t nstate = A.size(1);
+    TORCH_CHECK(B.scalar_type() == u.scalar_type() && C.scalar_type() == u.scalar_type() && B.stride(2) == 1 && C.stride(2) == 1 && u.stride(2) == 1,
+                "B and C must have u's dtype, and u, B, C unit stride on the last dimension");
+    TORCH_CHECK(!z.has_value() || (z->scalar_type() == u.scalar_type() && z->stride(2) == 1), "z must have u's dtype and unit stride on d");
+    const int64_t batch = u.size(0), dim = u.size(2), rank = dt_low.size(2), nstate = A.size(1);
+    TORCH_CHECK(rank <= 256, "decode_step supports a dt rank up to 256");
+    auto w = dt_weight.contiguous();
+    auto bias = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::zeros({dim}, u.options().dtype(torch::kFloat));
+    auto Dc = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
     auto y = torch::empty({batch, 1, dim}, u.options());
-    torch::Tensor Dc = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, u.scalar_type(), "decode_step_scan", [&] {
+    const int64_t tiles = (dim + kLanes - 1) / kLanes;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, u.scalar_type(), "decode_step", [&] {
         using T = scalar_t;
-        const T* up = u.data_ptr<T>();
-        const T* zp = z.has_value() ? z->data_ptr<T>() : nullptr;
-        const T* Bp = B.data_ptr<T>();
-        const T* Cp = C.data_ptr<T>();
-        const float* dtp = dt.data_ptr<float>();
-        const float* Ap = A.data_ptr<float>();
-        const float* Dp = D.has_value() ? Dc.data_ptr<float>() : nullptr;
-        float* hp = state.data_ptr<float>();
-        T* yp = y.data_ptr<T>();
-        const int64_t u_sb = u.stride(0), z_sb = z.has_value() ? z->stride(0) : 0, b_sb = B.stride(0), c_sb = C.stride(0);
-        at::parallel_for(0, batch * dim, 256, [&](int64_t begin, int64_t end) {
-            for (int64_t i0 = begin; i0 < end; i0 += kLanes) {  // 16 (b, c) rows at a time
-                const int64_t rows = std::min(kLanes, end - i0);
-                vf sum = {}, uv = {}, dskip = {}, zv = {};  // one lane per row
-                for (int64_t r = 0; r < rows; r++) {
-                    const int64_t i = i0 + r, b = i / dim, c = i % dim;
-                    const float dtv = dtp[i];
-                    uv[r] = static_cast<float>(up[b * u_sb + c]);
-                    dskip[r] = Dp != nullptr ? Dp[c] : 0.0f;
-                    zv[r] = zp != nullptr ? static_cast<float>(zp[b * z_sb + c]) : 0.0f;
-                    const float du = dtv * uv[r];
-                    float* h = hp + i * nstate;
-                    vf acc = {};
-                    for (int64_t n0 = 0; n0 < nstate; n0 += kLanes) {  // (n,) state row, contiguous
-                        const int64_t width = std::min(kLanes, nstate - n0);
-                        vf hv = load_tile(h + n0, width);
-                        hv = vexp(dtv * load_tile(Ap + c * nstate + n0, width)) * hv + du * load_tile(Bp + b * b_sb + n0, width);
-                        store_tile(h + n0, hv, width);
-                        acc += hv * load_tile(Cp + b * c_sb + n0, width);
-                    }
-                    sum[r] = hsum(acc);
+        const T* low = dt_low.data_ptr<T>();
+        at::parallel_for(0, batch * tiles, 8, [&](int64_t begin, int64_t end) {
+            float lowf[256];
+            int64_t lowb = -1;  // the sequence whose dt_low is in lowf
+            for (int64_t i = begin; i < end; i++) {
+                const int64_t b = i / tiles, c0 = (i % tiles) * kLanes;
+                if (b != lowb) {
+                    for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(low[b * dt_low.stride(0) + j]);
+                    lowb = b;
                 }
-                vf out = sum + dskip * uv;  // the D skip and the SiLU gate for the 16 rows at once
-                if (zp != nullptr) out *= zv / (1.0f + vexp(-zv));
-                for (int64_t r = 0; r < rows; r++) yp[i0 + r] = static_cast<T>(out[r]);  // y is (b, 1, d) contiguous
+                decode_tile<T>(c0, std::min(kLanes, dim - c0), rank, nstate, lowf, w.data_ptr<T>(), bias.data_ptr<float>(),
+                               u.data_ptr<T>() + b * u.stride(0), z.has_value() ? z->data_ptr<T>() + b * z->stride(0) : nullptr,
+                               B.data_ptr<T>() + b * B.stride(0), C.data_ptr<T>() + b * C.stride(0), A.data_ptr<float>(),
+                               D.has_value() ? Dc.data_ptr<float>() : nullptr, state.data_ptr<float>() + b * dim * nstate, y.data_ptr<T>() + b * dim);
             }
         });
     });
     return y;
+}
+
+torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale);
+torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor conv_state);
+
+// One decoded token through a mixer: hidden (b, 1, h) -> (b, 1, h), conv_state (b, d, k) and
+// ssm_state (b, d, n) updated in place. Projections as in `linear_rows` (int8 ones with scales),
+// conv_weight (d, 1, k) as stored. The same ops, in the same order, as TorchOps.mixer_step.
+torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor in_w, c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale,
+                         torch::Tensor conv_w, c10::optional<torch::Tensor> conv_b, torch::Tensor conv_state, torch::Tensor x_w,
+                         torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b, torch::Tensor A, c10::optional<torch::Tensor> D,
+                         torch::Tensor ssm_state, torch::Tensor out_w, c10::optional<torch::Tensor> out_b, c10::optional<torch::Tensor> out_scale) {
+    const int64_t d = conv_w.size(0), rank = dt_w.size(1), n = A.size(1);
+    auto xz = linear_rows(hidden, in_w, in_b, in_scale);  // (b, 1, 2d): x then the gate z
+    auto x = causal_conv1d(xz.narrow(2, 0, d), conv_w.reshape({d, -1}), conv_b, conv_state);  // (b, 1, d)
+    auto low = linear_rows(x, x_w, c10::nullopt, c10::nullopt);  // (b, 1, r + 2n): dt_low, B, C
+    auto y = decode_step(x, low.narrow(2, 0, rank), dt_w, A, low.narrow(2, rank, n), low.narrow(2, rank + n, n), D, xz.narrow(2, d, d), dt_b,
+                         ssm_state);  // (b, 1, d)
+    return linear_rows(y, out_w, out_b, out_scale);
 }

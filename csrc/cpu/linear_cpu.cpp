@@ -1,19 +1,23 @@
-// Matrix-vector products for decoding with int8 weights: y = (x W^T) * scale (+ bias) for a few
-// rows of x (one per sequence of the batch), W int8 with a float32 scale per row.
+// Matrix-vector products for decoding: y = x W^T (* scale) (+ bias) for a few rows of x (one per
+// sequence of the batch), W float32, bfloat16, or int8 with a float32 scale per output row.
 //
-// Decoding a token is bound by reading the weights once (a 130M model: 130 MB in int8), so the
-// kernel streams W once whatever the number of rows of x: blocks of 8 rows of W, each read from
-// memory for the first row of x and from L1 for the others, software-prefetched 4 KB ahead (7 GB/s
-// without, 11-13 GB/s with: this machine's DRAM rate), each group of 16 weights widened to float32
-// in registers (a sign-extending convert) and accumulated in float32. The blocks are split over
-// ATen's thread pool. (bf16 weights go to torch's own kernel: ours, with the same structure,
-// measured the same whole-model decode speed.)
+// Decoding a token is bound by reading the weights once (a 130M model: 517 MB in float32, 258 MB
+// in bf16, 130 MB in int8), so the kernel streams each row of W once whatever the number of rows
+// of x (the row, 0.8-6 KB, is read from memory for the first row of x and from L1 for the others).
+// Rows are split over ATen's thread pool in contiguous ranges, one sequential stream per thread,
+// software-prefetched 8 KB ahead into L2: on the 2-core Intel host that took a stream of bf16 or
+// int8 weights from 13-19 GB/s (hardware prefetch only) to 25-35 GB/s (benchmarks in
+// docs/perf-notes.md). The arithmetic is in float32:
+//   float32 W: x . w by FMAs on 16 lanes;
+//   bf16 W (x bf16): with AVX512-BF16, vdpbf16ps (32 products per instruction, exact products,
+//     float32 sums), otherwise each bf16 widened to float32 (a shift);
+//   int8 W: 16 weights sign-extended and converted to float32 per FMA, x in float32, and the row's
+//     scale applied to the sum.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -23,9 +27,9 @@
 namespace {
 
 using namespace mamba_cpu;
+using c10::BFloat16;
 
-constexpr int kBlockRows = 8;  // rows of W per block: read from memory once, then from L1 for each row of x
-constexpr int64_t kPrefetch = 4096;  // software prefetch distance along W, in weights = bytes (past the end is harmless)
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the current weight the prefetch reads
 
 // 16 int8 weights widened to float32 (with AVX-512: one sign extension and one convert; GCC's
 // generic vector conversion of int8 is scalarised).
@@ -33,59 +37,97 @@ inline vf widen(const int8_t* p) {
 #ifdef __AVX512F__
     return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
 #else
-    vf out;
-    for (int i = 0; i < kLanes; i++) out[i] = static_cast<float>(p[i]);
-    return out;
+    return load16(p);
 #endif
 }
 
-// x . w over k elements, float32 accumulation in four named vectors (four independent FMA chains;
-// an array of accumulators was kept on the stack by GCC, every FMA then waiting on a store).
-float dot(const float* x, const int8_t* w, int64_t k) {
-    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    const int64_t body = k / (4 * kLanes) * (4 * kLanes);
-    for (int64_t i = 0; i < body; i += 4 * kLanes) {
-        __builtin_prefetch(w + i + kPrefetch);  // the 64-byte line this iteration's kPrefetch ahead: DRAM streams need a head start
-        a0 += load16(x + i) * widen(w + i);
-        a1 += load16(x + i + kLanes) * widen(w + i + kLanes);
-        a2 += load16(x + i + 2 * kLanes) * widen(w + i + 2 * kLanes);
-        a3 += load16(x + i + 3 * kLanes) * widen(w + i + 3 * kLanes);
+// The dot product x . w of one row, k elements: X is the type x is read in (float32, or bf16
+// for bf16 weights), W the weight type. Four independent accumulators over 64 elements per step
+// (an array of accumulators was kept on the stack by GCC, every FMA waiting on a store).
+template <typename X, typename W>
+float dot(const X* x, const W* w, int64_t k) {
+    constexpr int64_t kStep = 4 * kLanes;
+    const int64_t body = k / kStep * kStep;
+    float s;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<W, BFloat16>) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (int64_t i = 0; i < body; i += kStep) {  // 64 bf16 = two lines: two vdpbf16ps of 32 pairs
+            __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, 0, 2);
+            __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes + 64, 0, 2);
+            a0 = _mm512_dpbf16_ps(a0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i)), reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i)));
+            a1 = _mm512_dpbf16_ps(a1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i + 32)),
+                                  reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i + 32)));
+        }
+        s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    } else
+#endif
+    {
+        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t i = 0; i < body; i += kStep) {
+            for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(W)); line += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes + line, 0, 2);
+            if constexpr (std::is_same_v<W, int8_t>) {
+                a0 += load16(x + i) * widen(w + i);
+                a1 += load16(x + i + kLanes) * widen(w + i + kLanes);
+                a2 += load16(x + i + 2 * kLanes) * widen(w + i + 2 * kLanes);
+                a3 += load16(x + i + 3 * kLanes) * widen(w + i + 3 * kLanes);
+            } else {
+                a0 += load16(x + i) * load16(w + i);
+                a1 += load16(x + i + kLanes) * load16(w + i + kLanes);
+                a2 += load16(x + i + 2 * kLanes) * load16(w + i + 2 * kLanes);
+                a3 += load16(x + i + 3 * kLanes) * load16(w + i + 3 * kLanes);
+            }
+        }
+        s = hsum((a0 + a1) + (a2 + a3));
     }
-    float s = hsum((a0 + a1) + (a2 + a3));
-    for (int64_t i = body; i < k; i++) s += x[i] * static_cast<float>(w[i]);
+    for (int64_t i = body; i < k; i++) s += static_cast<float>(x[i]) * static_cast<float>(w[i]);
     return s;
 }
 
-// y (m, n) = x (m, k) @ w (n, k)^T * scale (+ bias): blocks of kBlockRows rows of W over ATen's
-// thread pool; each block is streamed from memory once, for the first row of x.
-void gemv(const float* x, int64_t m, int64_t k, const int8_t* w, int64_t n, const float* scale, const float* bias, float* y) {
-    at::parallel_for(0, (n + kBlockRows - 1) / kBlockRows, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t r0 = begin * kBlockRows; r0 < std::min(n, end * kBlockRows); r0 += kBlockRows) {
-            const int64_t rows = std::min<int64_t>(kBlockRows, n - r0);
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t r = r0; r < r0 + rows; r++) {
-                    float v = dot(x + i * k, w + r * k, k) * scale[r];
-                    if (bias != nullptr) v += bias[r];
-                    y[i * n + r] = v;
-                }
-        }
+// y (m, n) = x (m, k) @ w (n, k)^T (* scale) (+ bias), rows of W in contiguous ranges per thread.
+template <typename X, typename W, typename Y>
+void gemv(const X* x, int64_t m, int64_t k, const W* w, int64_t n, const float* scale, const float* bias, Y* y) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / k);  // at least ~16 KB of W per task
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r++)
+            for (int64_t i = 0; i < m; i++) {
+                float v = dot(x + i * k, w + r * k, k);
+                if (scale != nullptr) v *= scale[r];
+                if (bias != nullptr) v += bias[r];
+                y[i * n + r] = static_cast<Y>(v);
+            }
     });
 }
 
 }  // namespace
 
-// y (..., n) = x (..., k) @ weight (n, k)^T * scale (n,) (+ bias (n,)), in x's dtype; weight int8,
-// scale float32. Meant for a few rows of x (decoding).
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor scale) {
-    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == torch::kChar, "weight must be a contiguous int8 (out, in) matrix");
+// y (..., n) = x (..., k) @ weight (n, k)^T (* scale (n,)) (+ bias (n,)), in x's dtype, for a few
+// rows of x (decoding). weight: float32 or bf16 (x of the same dtype), or int8 with float32 scales.
+torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale) {
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous (out, in) matrix");
     const int64_t n = weight.size(0), k = weight.size(1);
-    TORCH_CHECK(x.size(-1) == k && scale.numel() == n, "x's last dimension must equal weight's in-features, scale one per out-feature");
-    auto xf = x.reshape({-1, k}).to(torch::kFloat).contiguous();  // (m, k)
-    auto y = torch::empty({xf.size(0), n}, xf.options());
-    auto sf = scale.to(torch::kFloat).contiguous();
-    torch::Tensor bf = bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
-    gemv(xf.data_ptr<float>(), xf.size(0), k, weight.data_ptr<int8_t>(), n, sf.data_ptr<float>(), bias.has_value() ? bf.data_ptr<float>() : nullptr,
-         y.data_ptr<float>());
+    const bool int8 = weight.scalar_type() == torch::kChar;
+    TORCH_CHECK(x.size(-1) == k, "x's last dimension must equal weight's in-features");
+    TORCH_CHECK(int8 == scale.has_value(), "scale goes with an int8 weight, and only with one");
+    TORCH_CHECK(int8 || weight.scalar_type() == x.scalar_type(), "a float weight must have x's dtype");
+    TORCH_CHECK(!int8 || scale->numel() == n, "scale must have one value per out-feature");
+    auto x2 = x.reshape({-1, k});  // (m, k)
+    auto xin = (int8 ? x2.to(torch::kFloat) : x2).contiguous();
+    auto y = torch::empty({x2.size(0), n}, xin.options());
+    auto sf = int8 ? scale->to(torch::kFloat).contiguous() : torch::Tensor();
+    auto bf = bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+    const float* sp = int8 ? sf.data_ptr<float>() : nullptr;
+    const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+    const int64_t m = x2.size(0);
+    if (int8) {
+        gemv(xin.data_ptr<float>(), m, k, weight.data_ptr<int8_t>(), n, sp, bp, y.data_ptr<float>());
+    } else if (weight.scalar_type() == torch::kFloat) {
+        gemv(xin.data_ptr<float>(), m, k, weight.data_ptr<float>(), n, sp, bp, y.data_ptr<float>());
+    } else {
+        TORCH_CHECK(weight.scalar_type() == torch::kBFloat16, "weight must be float32, bfloat16 or int8");
+        gemv(xin.data_ptr<BFloat16>(), m, k, weight.data_ptr<BFloat16>(), n, sp, bp, y.data_ptr<BFloat16>());
+    }
     auto sizes = x.sizes().vec();
     sizes.back() = n;
     return y.to(x.scalar_type()).reshape(sizes);

@@ -115,11 +115,43 @@ torch::Tensor selective_scan(torch::Tensor u, torch::Tensor dt, torch::Tensor A,
     return y;
 }
 
+// One decoded token of the conv: per channel, shift its state row (k,) left, append x, and
+// y = silu(<row, weight row> + bias). Scalar per channel (k multiply-adds): at one token the
+// tile set-up of the prompt path (state and weights transposed into 16-lane windows) cost 5x more.
+template <typename T>
+void conv_step(const T* x, int64_t x_sb, const T* weight, const T* bias, T* state, T* y, int64_t batch, int64_t dim, int64_t kernel) {
+    at::parallel_for(0, batch * dim, 512, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; i++) {
+            const int64_t b = i / dim, c = i % dim;
+            T* row = state + i * kernel;  // (k,) oldest first
+            const T* w = weight + c * kernel;
+            float acc = bias != nullptr ? static_cast<float>(bias[c]) : 0.0f;
+            for (int64_t j = 0; j + 1 < kernel; j++) {
+                row[j] = row[j + 1];
+                acc += static_cast<float>(row[j]) * static_cast<float>(w[j]);
+            }
+            row[kernel - 1] = x[b * x_sb + c];
+            acc += static_cast<float>(row[kernel - 1]) * static_cast<float>(w[kernel - 1]);
+            y[i] = static_cast<T>(acc / (1.0f + std::exp(-acc)));
+        }
+    });
+}
+
 // silu(causal depthwise conv of x (b, l, d) with weight (d, k)), continuing from conv_state
 // (b, d, k) (the last k inputs, newest last), which is overwritten with the new last k inputs.
 torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor conv_state) {
     const int64_t batch = x.size(0), length = x.size(1), dim = x.size(2), kernel = weight.size(1);
     TORCH_CHECK(conv_state.is_contiguous() && conv_state.scalar_type() == x.scalar_type(), "conv_state must be contiguous, x's dtype");
+    if (length == 1 && x.stride(2) == 1 && weight.is_contiguous() && weight.scalar_type() == x.scalar_type() &&
+        (!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == x.scalar_type()))) {
+        auto y = torch::empty({batch, 1, dim}, x.options());
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, x.scalar_type(), "conv_step", [&] {
+            conv_step<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), weight.data_ptr<scalar_t>(),
+                                          bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, conv_state.data_ptr<scalar_t>(),
+                                          y.data_ptr<scalar_t>(), batch, dim, kernel);
+        });
+        return y;
+    }
     auto w = weight.to(torch::kFloat).contiguous();
     auto bf = bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::zeros({dim}, x.options().dtype(torch::kFloat));
     auto y = torch::empty({batch, length, dim}, x.options());
@@ -157,17 +189,22 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
 }
 
 // linear_cpu.cpp, decode_cpu.cpp
-torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor scale);
+torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale);
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
                                         bool residual_fp32, bool cast_input);
 torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor dt_weight, torch::Tensor A, torch::Tensor B, torch::Tensor C,
                           c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
                           torch::Tensor state);
+torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor in_w, c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale,
+                         torch::Tensor conv_w, c10::optional<torch::Tensor> conv_b, torch::Tensor conv_state, torch::Tensor x_w,
+                         torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b, torch::Tensor A, c10::optional<torch::Tensor> D,
+                         torch::Tensor ssm_state, torch::Tensor out_w, c10::optional<torch::Tensor> out_b, c10::optional<torch::Tensor> out_scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CPU)");
     m.def("causal_conv1d", &causal_conv1d, "causal depthwise conv + SiLU with carried state (CPU)");
-    m.def("linear_int8", &linear_int8, "x @ W^T * scale for a few rows of x, W int8 (CPU)");
+    m.def("linear_rows", &linear_rows, "x @ W^T (* scale) for a few rows of x, W float32, bf16 or int8 (CPU)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CPU)");
     m.def("decode_step", &decode_step, "dt_proj + softplus + one selective-scan step (CPU)");
+    m.def("mixer_step", &mixer_step, "one decoded token through a mixer (CPU)");
 }

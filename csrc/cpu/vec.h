@@ -36,6 +36,39 @@ inline vf vexp(vf x) {
     return p * reinterpret_cast<const vf&>(bits);
 }
 
+// log(x) for 16 lanes, x > 0 finite: Cephes logf's reduction to a mantissa in [sqrt(1/2), sqrt(2))
+// and its polynomial (about 1 ulp).
+inline vf vlog(vf x) {
+    const vi bits = reinterpret_cast<const vi&>(x);
+    vf e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vf);  // x = m * 2^e, m in [1/2, 1)
+    const vi mbits = (bits & static_cast<int32_t>(0x807fffffu)) | 0x3f000000;
+    vf m = reinterpret_cast<const vf&>(mbits);
+    const auto small = m < 0.707106781186547524f;
+    e = small ? e - 1.0f : e;
+    m = small ? m + m - 1.0f : m - 1.0f;  // now log(x) = log(1 + m) + e log(2)
+    const vf z = m * m;
+    vf p = vf{} + 7.0376836292e-2f;
+    p = p * m - 1.1514610310e-1f;
+    p = p * m + 1.1676998740e-1f;
+    p = p * m - 1.2420140846e-1f;
+    p = p * m + 1.4249322787e-1f;
+    p = p * m - 1.6668057665e-1f;
+    p = p * m + 2.0000714765e-1f;
+    p = p * m - 2.4999993993e-1f;
+    p = p * m + 3.3333331174e-1f;
+    vf y = p * m * z - 2.12194440e-4f * e - 0.5f * z;
+    return m + y + 0.693359375f * e;
+}
+
+// softplus(x) = log(1 + exp(x)) for 16 lanes, as torch's (linear above 20); log1p by
+// log(u) * e / (u - 1) with u = 1 + e (exact to a few ulp even where u rounds to nearly 1).
+inline vf vsoftplus(vf x) {
+    const vf e = vexp(x), u = 1.0f + e;
+    const vf d = u - 1.0f;
+    const vf l = vlog(u) * e / (d == 0.0f ? vf{} + 1.0f : d);
+    return x > 20.0f ? x : (d == 0.0f ? e : l);
+}
+
 // The sum of v's lanes by folding halves with shuffles: 4 dependent additions instead of 15.
 inline float hsum(vf v) {
     typedef float v8 __attribute__((vector_size(8 * sizeof(float))));

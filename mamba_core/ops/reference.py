@@ -54,6 +54,20 @@ class TorchOps:
         x, z = self.linear(hidden, weight, bias, scale).chunk(2, dim=-1)  # (b, 1, d) each
         return self.causal_conv1d(x, conv_weight, conv_bias, conv_state), z
 
+    def mixer_step(self, mixer, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One decoded token through `mixer` (a MambaMixer): hidden (b, 1, h) -> (b, 1, h).
+
+        conv_state (b, d, k) and ssm_state (b, d, n) are updated in place. This composes the
+        per-op methods (in_proj + conv step, x_proj, dt_proj + scan step, out_proj); a backend
+        may run the whole layer in one call instead.
+        """
+        in_proj, out_proj = mixer.in_proj, mixer.out_proj
+        x, z = self.in_proj_conv_step(hidden, in_proj.weight, in_proj.bias, getattr(in_proj, "weight_scale", None),
+                                      mixer.conv1d.weight[:, 0, :], mixer.conv1d.bias, conv_state)  # (b, 1, d) each
+        dt, B, C = self.linear(x, mixer.x_proj.weight).split([mixer.time_step_rank, mixer.state_size, mixer.state_size], dim=-1)
+        y = self.decode_step(x, dt, mixer.dt_proj.weight, mixer.A(), B, C, mixer.D, z, mixer.dt_proj.bias, ssm_state)
+        return self.linear(y, out_proj.weight, out_proj.bias, getattr(out_proj, "weight_scale", None))
+
     def add_rms_norm(
         self,
         x: torch.Tensor,  # (..., h) a block's output
