@@ -18,6 +18,7 @@ wait
 [ -n "${VARIANTS-split=4;split=8}" ] && ( cd benchmarks && python3 scan_variants.py --variants "${VARIANTS:-split=4;split=8}" ) 2>&1 | tee "$OUT/scan-variants.md"
 C=benchmarks/configs
 python3 benchmarks/profile_decode.py --config $C/mamba-130m-hf --batch 1,64 2>&1 | tee "$OUT/profile-decode.md"
+python3 benchmarks/profile_decode.py --config $C/mamba-130m-hf --batch 8 --prompt 2048 2>&1 | tee "$OUT/profile-prefill.md"
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 --backend torch,auto -p 2048 -g 128 -b 1 -r 3 2>&1 | tee "$OUT/bench-130m-b1.md"
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 -p 2048 -g 128 -b 8,64 -r 3 2>&1 | tee "$OUT/bench-130m-b8-64.md"
 for size in 1.4b 2.8b; do
