@@ -15,7 +15,6 @@ import platform
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .ops.reference import TorchOps
 
@@ -142,8 +141,7 @@ class _KernelOps(TorchOps):
 
 
 class CpuKernelOps(_KernelOps):
-    """The compiled CPU backend (csrc/cpu; a prompt's softplus of the step sizes in torch): a decoded
-    token runs each layer's mixer in one call (`mixer_step`)."""
+    """The compiled CPU backend (csrc/cpu): a decoded token runs each layer's mixer in one call (`mixer_step`)."""
 
     name = "cpu-kernels"
     gemv_rows = 16  # up to this many rows of x, products use the matrix-vector kernel
@@ -163,11 +161,11 @@ class CpuKernelOps(_KernelOps):
                                       mixer.A(), mixer.D, ssm_state, out_proj.weight, out_proj.bias, getattr(out_proj, "weight_scale", None))
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
-        dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()
-        dt = F.softplus(dt)  # (b, l, d) float32
         if ssm_state is None:
             ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
-        return self.module.selective_scan(u, dt, A.float().contiguous(), B, C, D, z, ssm_state)
+        if delta.dtype not in (u.dtype, torch.float32):
+            delta = delta.float()
+        return self.module.selective_scan(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
 
 
 class CudaKernelOps(_KernelOps):

@@ -94,7 +94,7 @@ void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const f
     if (Dp != nullptr) out += load_tile(Dp + c0, rows) * u;
     if (zp != nullptr) {
         const vf zv = load_tile(zp + c0, rows);
-        out *= zv / (1.0f + vexp(-zv));
+        out *= vsilu(zv);
     }
     store_tile(yp + c0, out, rows);
 }

@@ -41,11 +41,14 @@ View3<T> view3(const torch::Tensor& x) {
     return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
 }
 
-template <typename scalar_t>
+// One tile of 16 channels of one sequence over the whole chunk; dt = softplus(delta + bias) in
+// float32 per step (one vector softplus per 16 channels, next to 16 vector exps for the states).
+template <typename scalar_t, typename delta_t>
 void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstate,
-               const View3<scalar_t>& u, const View3<float>& dt, const View3<scalar_t>& Bm, const View3<scalar_t>& Cm,
+               const View3<scalar_t>& u, const View3<delta_t>& delta, const float* delta_bias, const View3<scalar_t>& Bm, const View3<scalar_t>& Cm,
                const View3<scalar_t>* z, const float* A, const float* D, float* state, const View3<scalar_t>& y) {
     const int64_t width = std::min(kTile, dim - c0);
+    const vf bias = delta_bias != nullptr ? load_tile(delta_bias + c0, width) : vf{};
     std::vector<vf> h(nstate), a(nstate);  // per state index: 16 channels
     for (int64_t n = 0; n < nstate; n++)
         for (int64_t c = 0; c < width; c++) {
@@ -56,13 +59,13 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
     for (int64_t t = 0; t < length; t++) {
         if (t + kAhead < length) {  // rows are pages apart: the hardware prefetcher does not follow
             __builtin_prefetch(u.row(b, t + kAhead) + c0);
-            __builtin_prefetch(dt.row(b, t + kAhead) + c0);
+            __builtin_prefetch(delta.row(b, t + kAhead) + c0);
             __builtin_prefetch(Bm.row(b, t + kAhead));
             __builtin_prefetch(Cm.row(b, t + kAhead));
             if (z != nullptr) __builtin_prefetch(z->row(b, t + kAhead) + c0);
         }
         const vf uv = load_tile(u.row(b, t) + c0, width);
-        const vf dtv = load_tile(dt.row(b, t) + c0, width);
+        const vf dtv = vsoftplus(load_tile(delta.row(b, t) + c0, width) + bias);
         const vf du = dtv * uv;
         vf acc = {};
         const scalar_t* br = Bm.row(b, t);
@@ -74,7 +77,7 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
         vf out = acc + dskip * uv;
         if (z != nullptr) {
             const vf zv = load_tile(z->row(b, t) + c0, width);
-            out *= zv / (1.0f + vexp(vf{} - zv));
+            out *= vsilu(zv);
         }
         store_tile(y.row(b, t) + c0, out, width);
     }
@@ -84,33 +87,41 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
 
 }  // namespace
 
-// y = selective scan of u with step sizes dt (softplus already applied, float32), continuing from
-// `state` (b, d, n) float32, which is overwritten with the final state. D and z are optional.
-torch::Tensor selective_scan(torch::Tensor u, torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
-                             c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, torch::Tensor state) {
-    TORCH_CHECK(dt.scalar_type() == torch::kFloat && A.scalar_type() == torch::kFloat && state.scalar_type() == torch::kFloat,
-                "dt, A and state must be float32");
+// y = selective scan of u with step sizes dt = softplus(delta + delta_bias) (delta in u's dtype or
+// float32, the bias optional, both added in float32), continuing from `state` (b, d, n) float32,
+// which is overwritten with the final state. D and z are optional.
+torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                             c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
+                             torch::Tensor state) {
+    TORCH_CHECK(A.scalar_type() == torch::kFloat && state.scalar_type() == torch::kFloat, "A and state must be float32");
+    TORCH_CHECK(delta.scalar_type() == u.scalar_type() || delta.scalar_type() == torch::kFloat, "delta must have u's dtype or float32");
     TORCH_CHECK(B.scalar_type() == u.scalar_type() && C.scalar_type() == u.scalar_type(), "u, B and C must share a dtype");
     TORCH_CHECK(A.is_contiguous() && state.is_contiguous(), "A and state must be contiguous");
     const int64_t batch = u.size(0), length = u.size(1), dim = u.size(2), nstate = A.size(1);
     TORCH_CHECK(state.size(0) == batch && state.size(1) == dim && state.size(2) == nstate, "state must be (b, d, n)");
     auto y = torch::empty({batch, length, dim}, u.options());
     torch::Tensor Dc = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
+    torch::Tensor bias = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::Tensor();
     const int64_t tiles = (dim + kTile - 1) / kTile;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, u.scalar_type(), "selective_scan", [&] {
         const auto uv = view3<scalar_t>(u), yv = view3<scalar_t>(y), bv = view3<scalar_t>(B), cv = view3<scalar_t>(C);
-        const auto dv = view3<float>(dt);
         View3<scalar_t> zv{};
         if (z.has_value()) {
             TORCH_CHECK(z->scalar_type() == u.scalar_type(), "z must have u's dtype");
             zv = view3<scalar_t>(*z);
         }
         const float* Dp = D.has_value() ? Dc.data_ptr<float>() : nullptr;
-        at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; i++)
-                scan_tile<scalar_t>(i / tiles, (i % tiles) * kTile, length, dim, nstate, uv, dv, bv, cv, z.has_value() ? &zv : nullptr,
-                                    A.data_ptr<float>(), Dp, state.data_ptr<float>(), yv);
-        });
+        const float* bp = delta_bias.has_value() ? bias.data_ptr<float>() : nullptr;
+        auto run = [&](auto delta_zero) {
+            using delta_t = decltype(delta_zero);
+            const auto dv = view3<delta_t>(delta);
+            at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+                for (int64_t i = begin; i < end; i++)
+                    scan_tile<scalar_t, delta_t>(i / tiles, (i % tiles) * kTile, length, dim, nstate, uv, dv, bp, bv, cv,
+                                                 z.has_value() ? &zv : nullptr, A.data_ptr<float>(), Dp, state.data_ptr<float>(), yv);
+            });
+        };
+        if (delta.scalar_type() == torch::kFloat) run(0.0f); else run(scalar_t(0));
     });
     return y;
 }
@@ -177,7 +188,7 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
                     window[kernel - 1] = load_tile(xv.row(b, t) + c0, width);
                     vf acc = bv;
                     for (int64_t j = 0; j < kernel; j++) acc += window[j] * weights[j];
-                    const vf out = acc / (1.0f + vexp(vf{} - acc));
+                    const vf out = vsilu(acc);
                     store_tile(yv.row(b, t) + c0, out, width);
                 }
                 for (int64_t j = 0; j < kernel; j++)
