@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -65,7 +66,10 @@ def load_cpu(build: bool = True):
     sources = [CSRC / "cpu" / name for name in ("mamba_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp", "vec.h")] + [CSRC / "norm_tensors.h"]
     # -fopenmp: ATen's parallel_for is inline OpenMP in torch's headers and runs serially without
     # it; the OpenMP symbols then resolve to the libgomp that torch itself loads (one thread pool).
-    flags = {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]}
+    # Only on Linux, where torch ships libgomp: elsewhere (Apple clang has no -fopenmp) the kernels
+    # build serial rather than not at all.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    flags = {"extra_cflags": ["-O3", "-march=native", "-ffp-contract=fast", *openmp]}
     return _cached("cpu", lambda b: _compile("cpu", sources, _cpu_signature(), b, flags), build)
 
 
