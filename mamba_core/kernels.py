@@ -150,14 +150,19 @@ class CpuKernelOps(_KernelOps):
     name = "cpu-kernels"
     gemv_rows = 16  # up to this many rows of x, products use the matrix-vector kernel
 
+    @staticmethod
+    def _gemv_takes(x_dtype, weight) -> bool:
+        """Can the matrix-vector kernel take this weight (contiguous; int8, or float32/bf16 as x)?"""
+        return weight.is_contiguous() and (weight.dtype == torch.int8 or weight.dtype == x_dtype in (torch.float32, torch.bfloat16))
+
     def linear(self, x, weight, bias=None, scale=None):
-        if x.numel() <= self.gemv_rows * x.shape[-1] and weight.is_contiguous() and (
-                weight.dtype == torch.int8 or weight.dtype == x.dtype in (torch.float32, torch.bfloat16)):
+        if x.numel() <= self.gemv_rows * x.shape[-1] and self._gemv_takes(x.dtype, weight):
             return self.module.linear_rows(x, weight, bias, scale)
         return super().linear(x, weight, bias, scale)
 
     def mixer_step(self, mixer, hidden, conv_state, ssm_state):
-        if hidden.dtype not in (torch.float32, torch.bfloat16) or hidden.shape[0] > self.gemv_rows or mixer.dt_proj.weight.dtype != hidden.dtype:
+        weights = (mixer.in_proj.weight, mixer.x_proj.weight, mixer.out_proj.weight)
+        if hidden.shape[0] > self.gemv_rows or mixer.dt_proj.weight.dtype != hidden.dtype or not all(self._gemv_takes(hidden.dtype, w) for w in weights):
             return super().mixer_step(mixer, hidden, conv_state, ssm_state)
         in_proj, out_proj = mixer.in_proj, mixer.out_proj
         return self.module.mixer_step(hidden, in_proj.weight, in_proj.bias, getattr(in_proj, "weight_scale", None), mixer.conv1d.weight,
