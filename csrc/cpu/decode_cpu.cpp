@@ -56,11 +56,12 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Te
     });
     return {t.out, t.res_out};
 }
+
 namespace {
 
-// One tile of a decode step: rows i0 .. i0+rows-1 of the (b * d) channels, all of one sequence b
-// (a tile never crosses a sequence). dt = softplus(T(dt_low . dt_weight[c]) +
-// bias[c]) as the unfused path rounds it, then for each channel its state row (n,) contiguous:
+// One tile of a decode step: channels c0 .. c0+rows-1 (rows <= 16) of one sequence, whose u, z, B,
+// C, state and y the pointers already address. dt = softplus(T(dt_low . dt_weight[c]) + bias[c]) as
+// the unfused path rounds it, then for each channel its state row (n,), contiguous:
 // h = exp(dt A) h + dt u B, y = <h, C> + D u, gated by silu(z). Per-channel values live in 16-lane
 // vectors filled through small arrays (a vector lane chosen at run time is a store and a reload).
 template <typename T>
