@@ -244,9 +244,12 @@ struct ConvArgs {
 };
 
 constexpr int kConvSteps = 64;  // time steps per thread
+constexpr int kConvBatch = 8;   // inputs loaded before any is used: loads in flight per thread
 
 // One thread: one channel, kConvSteps consecutive steps; inputs before the first step come from
-// x itself or, at the start of the sequence, from the carried state.
+// x itself or, at the start of the sequence, from the carried state. Inputs are loaded kConvBatch
+// steps at a time before any output is stored (a store to y may alias x for the compiler, so a
+// load after it would wait: one load in flight per thread left the kernel latency-bound).
 template <typename T, int K>
 __global__ void conv_kernel(ConvArgs a) {
     const int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x, t0 = blockIdx.z * kConvSteps;
@@ -263,14 +266,20 @@ __global__ void conv_kernel(ConvArgs a) {
     }
     const float bias = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
     const int t1 = min(a.length, t0 + kConvSteps);
-    for (int t = t0; t < t1; t++) {
+    for (int tb = t0; tb < t1; tb += kConvBatch) {
+        float in[kConvBatch];
 #pragma unroll
-        for (int j = 0; j + 1 < K; j++) win[j] = win[j + 1];
-        win[K - 1] = to_f(x[(int64_t)t * a.x_sl + c]);
-        float acc = bias;
+        for (int i = 0; i < kConvBatch; i++) in[i] = tb + i < t1 ? to_f(x[(int64_t)(tb + i) * a.x_sl + c]) : 0.0f;
 #pragma unroll
-        for (int j = 0; j < K; j++) acc += win[j] * w[j];
-        y[(int64_t)t * a.dim + c] = from_f<T>(silu(acc));
+        for (int i = 0; i < kConvBatch; i++) {
+#pragma unroll
+            for (int j = 0; j + 1 < K; j++) win[j] = win[j + 1];
+            win[K - 1] = in[i];
+            float acc = bias;
+#pragma unroll
+            for (int j = 0; j < K; j++) acc += win[j] * w[j];
+            if (tb + i < t1) y[(int64_t)(tb + i) * a.dim + c] = from_f<T>(silu(acc));
+        }
     }
 }
 
