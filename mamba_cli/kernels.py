@@ -21,7 +21,8 @@ def _report(build: bool) -> list[dict]:
     rows = []
     try:
         module = kernels.load_cpu(build=build)
-        rows.append({"backend": "cpu-kernels", "device": "cpu", "status": "built", "path": getattr(module, "__file__", None), "reason": None})
+        rows.append({"backend": "cpu-kernels", "device": "cpu", "status": "built", "path": getattr(module, "__file__", None), "reason": None,
+                     "threads": module.parallel_threads()})  # 1 where built without OpenMP (see README, limitations)
     except RuntimeError as exc:
         rows.append({"backend": "cpu-kernels", "device": "cpu", "status": "unavailable", "path": None, "reason": str(exc)})
     try:
@@ -43,6 +44,8 @@ def _print(rows: list[dict], json_out: bool) -> None:
         return
     for r in rows:
         detail = r["path"] or r["reason"] or ""
+        if "threads" in r:
+            detail = f"{r['threads']} threads, {detail}"
         print(f"{r['backend']:<12} {r['device']:<10} {r['status']:<12} {detail}")
     print(f"cache: {cache_dir()}")
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 import torch
 
@@ -122,6 +126,20 @@ def test_decoded_tokens_with_kernels_match_torch_path(dtype):
         assert rel_err(got, want) <= (1e-5 if dtype == "float32" else 1e-2)  # measured 5e-7 / 2e-3
     for a, b in zip([*caches[0].ssm_states, *caches[0].conv_states], [*caches[1].ssm_states, *caches[1].conv_states]):
         assert rel_err(b.float(), a.float()) <= (1e-5 if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2, reason="OpenMP builds are Linux-only; needs 2 cores")
+def test_kernels_run_on_several_threads():
+    """The kernels are built with OpenMP: without it ATen's parallel_for silently runs serially."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert kernels.module.parallel_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    out = run_cli("kernels", "status", "--json")  # says so to users (torch's default: a thread per core)
+    cpu = next(r for r in json.loads(out.stdout)["backends"] if r["backend"] == "cpu-kernels")
+    assert out.returncode == 0 and cpu["status"] == "built" and cpu["threads"] >= 2
 
 
 def test_failed_build_falls_back_with_one_warning():

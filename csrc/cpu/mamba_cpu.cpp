@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -199,6 +200,14 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
     return y;
 }
 
+// How many threads a parallel_for over many items runs on: torch's thread count when built with
+// OpenMP, 1 without (ATen's parallel_for then runs serially). A test guards the build flags with it.
+int64_t parallel_threads() {
+    std::atomic<uint64_t> seen{0};
+    at::parallel_for(0, 1 << 12, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << std::min(at::get_thread_num(), 63)); });
+    return __builtin_popcountll(seen.load());
+}
+
 // linear_cpu.cpp, decode_cpu.cpp
 torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale);
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
@@ -218,4 +227,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CPU)");
     m.def("decode_step", &decode_step, "dt_proj + softplus + one selective-scan step (CPU)");
     m.def("mixer_step", &mixer_step, "one decoded token through a mixer (CPU)");
+    m.def("parallel_threads", &parallel_threads, "threads a parallel_for uses (1 without OpenMP)");
 }
