@@ -160,14 +160,10 @@ class CpuKernelOps(_KernelOps):
             return self.module.linear_rows(x, weight, bias, scale)
         return super().linear(x, weight, bias, scale)
 
-    def mixer_step(self, mixer, hidden, conv_state, ssm_state):
-        weights = (mixer.in_proj.weight, mixer.x_proj.weight, mixer.out_proj.weight)
-        if hidden.shape[0] > self.gemv_rows or mixer.dt_proj.weight.dtype != hidden.dtype or not all(self._gemv_takes(hidden.dtype, w) for w in weights):
-            return super().mixer_step(mixer, hidden, conv_state, ssm_state)
-        in_proj, out_proj = mixer.in_proj, mixer.out_proj
-        return self.module.mixer_step(hidden, in_proj.weight, in_proj.bias, getattr(in_proj, "weight_scale", None), mixer.conv1d.weight,
-                                      mixer.conv1d.bias, conv_state, mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias,
-                                      mixer.A(), mixer.D, ssm_state, out_proj.weight, out_proj.bias, getattr(out_proj, "weight_scale", None))
+    def mixer_step(self, w, hidden, conv_state, ssm_state):
+        if hidden.shape[0] > self.gemv_rows or w.dt_w.dtype != hidden.dtype or not all(self._gemv_takes(hidden.dtype, m) for m in (w.in_w, w.x_w, w.out_w)):
+            return super().mixer_step(w, hidden, conv_state, ssm_state)
+        return self.module.mixer_step(hidden, conv_state, ssm_state, *w)
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         if ssm_state is None:

@@ -19,6 +19,7 @@ from torch import nn
 from .cache import MambaCache
 from .config import MambaConfig
 from .ops import get_ops
+from .ops.reference import StepWeights
 
 _KEEP_FP32 = ("A_log", "D")  # parameters that stay float32 whatever the model dtype
 
@@ -95,12 +96,18 @@ class MambaMixer(nn.Module):
             self._A_key = key
         return self._A
 
+    def step_weights(self) -> StepWeights:
+        """This mixer's tensors as a decoded token's `ops.mixer_step` takes them (int8 scales or None)."""
+        return StepWeights(self.in_proj.weight, self.in_proj.bias, getattr(self.in_proj, "weight_scale", None), self.conv1d.weight[:, 0, :],
+                           self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A(), self.D,
+                           self.out_proj.weight, self.out_proj.bias, getattr(self.out_proj, "weight_scale", None))
+
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """hidden (b, l, h) -> (b, l, h); reads and updates this layer's states in `cache`."""
         conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
         ssm_state = cache.ssm_states[self.layer_idx] if cache is not None else None
         if hidden.shape[1] == 1 and cache is not None:  # one decoded token: backends fuse the layer
-            return self.ops.mixer_step(self, hidden, conv_state, ssm_state)
+            return self.ops.mixer_step(self.step_weights(), hidden, conv_state, ssm_state)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
         x = self.ops.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state)  # (d, k) taps
         dt, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)

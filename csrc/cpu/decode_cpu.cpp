@@ -61,7 +61,7 @@ namespace {
 
 // One tile of a decode step: channels c0 .. c0+rows-1 (rows <= 16) of one sequence, whose u, z, B,
 // C, state and y the pointers already address. dt = softplus(T(dt_low . dt_weight[c]) + bias[c]) as
-// the unfused path rounds it, then for each channel its state row (n,), contiguous:
+// the unfused path rounds it (bias may be null), then for each channel its state row (n,), contiguous:
 // h = exp(dt A) h + dt u B, y = <h, C> + D u, gated by silu(z). Per-channel values live in 16-lane
 // vectors filled through small arrays (a vector lane chosen at run time is a store and a reload).
 template <typename T>
@@ -72,7 +72,7 @@ void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const f
         const T* w = wp + (c0 + r) * rank;
         vf acc = {};
         for (int64_t j = 0; j < rank; j += kLanes) acc += load_tile(lowf + j, std::min(kLanes, rank - j)) * load_tile(w + j, std::min(kLanes, rank - j));
-        raw[r] = static_cast<float>(static_cast<T>(hsum(acc))) + bias[c0 + r];
+        raw[r] = static_cast<float>(static_cast<T>(hsum(acc))) + (bias != nullptr ? bias[c0 + r] : 0.0f);
     }
     const vf dt = vsoftplus(load16(raw));
     std::memcpy(dts, &dt, sizeof(dts));
@@ -119,7 +119,7 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     const int64_t batch = u.size(0), dim = u.size(2), rank = dt_low.size(2), nstate = A.size(1);
     TORCH_CHECK(rank <= 256, "decode_step supports a dt rank up to 256");
     auto w = dt_weight.contiguous();
-    auto bias = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::zeros({dim}, u.options().dtype(torch::kFloat));
+    auto bias = delta_bias.has_value() ? delta_bias->to(torch::kFloat).contiguous() : torch::Tensor();
     auto Dc = D.has_value() ? D->to(torch::kFloat).contiguous() : torch::Tensor();
     auto y = torch::empty({batch, 1, dim}, u.options());
     const int64_t tiles = (dim + kLanes - 1) / kLanes;
@@ -135,7 +135,7 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
                     for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(low[b * dt_low.stride(0) + j]);
                     lowb = b;
                 }
-                decode_tile<T>(c0, std::min(kLanes, dim - c0), rank, nstate, lowf, w.data_ptr<T>(), bias.data_ptr<float>(),
+                decode_tile<T>(c0, std::min(kLanes, dim - c0), rank, nstate, lowf, w.data_ptr<T>(), delta_bias.has_value() ? bias.data_ptr<float>() : nullptr,
                                u.data_ptr<T>() + b * u.stride(0), z.has_value() ? z->data_ptr<T>() + b * z->stride(0) : nullptr,
                                B.data_ptr<T>() + b * B.stride(0), C.data_ptr<T>() + b * C.stride(0), A.data_ptr<float>(),
                                D.has_value() ? Dc.data_ptr<float>() : nullptr, state.data_ptr<float>() + b * dim * nstate, y.data_ptr<T>() + b * dim);
@@ -149,15 +149,17 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<t
 torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor conv_state);
 
 // One decoded token through a mixer: hidden (b, 1, h) -> (b, 1, h), conv_state (b, d, k) and
-// ssm_state (b, d, n) updated in place. Projections as in `linear_rows` (int8 ones with scales),
-// conv_weight (d, 1, k) as stored. The same ops, in the same order, as TorchOps.mixer_step.
-torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor in_w, c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale,
-                         torch::Tensor conv_w, c10::optional<torch::Tensor> conv_b, torch::Tensor conv_state, torch::Tensor x_w,
-                         torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b, torch::Tensor A, c10::optional<torch::Tensor> D,
-                         torch::Tensor ssm_state, torch::Tensor out_w, c10::optional<torch::Tensor> out_b, c10::optional<torch::Tensor> out_scale) {
+// ssm_state (b, d, n) updated in place; the weights in the order of ops.reference.StepWeights
+// (projections as in `linear_rows`, int8 ones with scales; conv_w (d, k)). The same ops, in the
+// same order, as TorchOps.mixer_step.
+torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::Tensor ssm_state, torch::Tensor in_w,
+                         c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale, torch::Tensor conv_w,
+                         c10::optional<torch::Tensor> conv_b, torch::Tensor x_w, torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b,
+                         torch::Tensor A, c10::optional<torch::Tensor> D, torch::Tensor out_w, c10::optional<torch::Tensor> out_b,
+                         c10::optional<torch::Tensor> out_scale) {
     const int64_t d = conv_w.size(0), rank = dt_w.size(1), n = A.size(1);
     auto xz = linear_rows(hidden, in_w, in_b, in_scale);  // (b, 1, 2d): x then the gate z
-    auto x = causal_conv1d(xz.narrow(2, 0, d), conv_w.reshape({d, -1}), conv_b, conv_state);  // (b, 1, d)
+    auto x = causal_conv1d(xz.narrow(2, 0, d), conv_w, conv_b, conv_state);  // (b, 1, d)
     auto low = linear_rows(x, x_w, c10::nullopt, c10::nullopt);  // (b, 1, r + 2n): dt_low, B, C
     auto y = decode_step(x, low.narrow(2, 0, rank), dt_w, A, low.narrow(2, rank, n), low.narrow(2, rank + n, n), D, xz.narrow(2, d, d), dt_b,
                          ssm_state);  // (b, 1, d)

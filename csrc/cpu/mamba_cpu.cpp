@@ -215,10 +215,11 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Te
 torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor dt_weight, torch::Tensor A, torch::Tensor B, torch::Tensor C,
                           c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
                           torch::Tensor state);
-torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor in_w, c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale,
-                         torch::Tensor conv_w, c10::optional<torch::Tensor> conv_b, torch::Tensor conv_state, torch::Tensor x_w,
-                         torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b, torch::Tensor A, c10::optional<torch::Tensor> D,
-                         torch::Tensor ssm_state, torch::Tensor out_w, c10::optional<torch::Tensor> out_b, c10::optional<torch::Tensor> out_scale);
+torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::Tensor ssm_state, torch::Tensor in_w,
+                         c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale, torch::Tensor conv_w,
+                         c10::optional<torch::Tensor> conv_b, torch::Tensor x_w, torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b,
+                         torch::Tensor A, c10::optional<torch::Tensor> D, torch::Tensor out_w, c10::optional<torch::Tensor> out_b,
+                         c10::optional<torch::Tensor> out_scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CPU)");

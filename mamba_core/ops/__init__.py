@@ -10,7 +10,7 @@ subclass, so anything they do not fuse falls back to it):
   selective_scan(u, delta, A, B, C, D, z, delta_bias, ssm_state) -> y   state updated in place
   decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state) -> y   one token, dt_proj fused
   in_proj_conv_step(hidden, weight, bias, scale, conv_weight, conv_bias, conv_state) -> (x, z)   one token
-  mixer_step(mixer, hidden, conv_state, ssm_state) -> out  one token through a whole mixer (composes the above)
+  mixer_step(weights, hidden, conv_state, ssm_state) -> out  one token through a mixer (`reference.StepWeights`)
   add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input) -> (normed, residual)
   linear(x, weight, bias, scale) -> y                     projections; int8 weights with scales
 Compiled backends (csrc/) are listed here with the device type they run on and chosen by `get_ops`; the plain-torch backend is

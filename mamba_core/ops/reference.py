@@ -13,6 +13,8 @@ carried between chunks in float32, which is what makes chunked prefill exact.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,28 @@ def scan_chunk_size(batch: int, inner: int, state: int) -> int:
     while chunk < _MAX_CHUNK and batch * inner * state * chunk * 2 <= _BLOCK_ELEMENTS:
         chunk *= 2
     return chunk
+
+
+class StepWeights(NamedTuple):
+    """A mixer's tensors for one decoded token, in the order of the compiled `mixer_step`'s arguments.
+
+    Projections (out, in) in the model dtype, or int8 with float32 scales (None otherwise); conv_w
+    (d, k); A (d, n) float32 (already -exp(A_log)).
+    """
+
+    in_w: torch.Tensor
+    in_b: torch.Tensor | None
+    in_scale: torch.Tensor | None
+    conv_w: torch.Tensor
+    conv_b: torch.Tensor | None
+    x_w: torch.Tensor
+    dt_w: torch.Tensor
+    dt_b: torch.Tensor | None
+    A: torch.Tensor
+    D: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor | None
+    out_scale: torch.Tensor | None
 
 
 class TorchOps:
@@ -54,19 +78,18 @@ class TorchOps:
         x, z = self.linear(hidden, weight, bias, scale).chunk(2, dim=-1)  # (b, 1, d) each
         return self.causal_conv1d(x, conv_weight, conv_bias, conv_state), z
 
-    def mixer_step(self, mixer, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One decoded token through `mixer` (a MambaMixer): hidden (b, 1, h) -> (b, 1, h).
+    def mixer_step(self, w: StepWeights, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One decoded token through a mixer with weights `w`: hidden (b, 1, h) -> (b, 1, h).
 
         conv_state (b, d, k) and ssm_state (b, d, n) are updated in place. This composes the
         per-op methods (in_proj + conv step, x_proj, dt_proj + scan step, out_proj); a backend
         may run the whole layer in one call instead.
         """
-        in_proj, out_proj = mixer.in_proj, mixer.out_proj
-        x, z = self.in_proj_conv_step(hidden, in_proj.weight, in_proj.bias, getattr(in_proj, "weight_scale", None),
-                                      mixer.conv1d.weight[:, 0, :], mixer.conv1d.bias, conv_state)  # (b, 1, d) each
-        dt, B, C = self.linear(x, mixer.x_proj.weight).split([mixer.time_step_rank, mixer.state_size, mixer.state_size], dim=-1)
-        y = self.decode_step(x, dt, mixer.dt_proj.weight, mixer.A(), B, C, mixer.D, z, mixer.dt_proj.bias, ssm_state)
-        return self.linear(y, out_proj.weight, out_proj.bias, getattr(out_proj, "weight_scale", None))
+        x, z = self.in_proj_conv_step(hidden, w.in_w, w.in_b, w.in_scale, w.conv_w, w.conv_b, conv_state)  # (b, 1, d) each
+        rank, n = w.dt_w.shape[1], w.A.shape[1]
+        dt, B, C = self.linear(x, w.x_w).split([rank, n, n], dim=-1)
+        y = self.decode_step(x, dt, w.dt_w, w.A, B, C, w.D, z, w.dt_b, ssm_state)
+        return self.linear(y, w.out_w, w.out_b, w.out_scale)
 
     def add_rms_norm(
         self,
