@@ -30,12 +30,28 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : static_cast<float>(log1p(exp(static_cast<double>(x)))); }
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 // For bf16/fp16 inputs (3-4 significant digits): hardware exp/log, relative error <= 1e-4.
-__device__ __forceinline__ float softplus_fast(float x) {
-    const float e = __expf(x);
-    const float series = e * (1.0f - e * (0.5f - e * (1.0f / 3.0f)));  // log1p(e) for e < 0.0067
-    return x > 20.0f ? x : x < -5.0f ? series : __logf(1.0f + e);
+// 2^x and log2(x) by the hardware's ex2/lg2 (MUFU, ~2 ulp), flushing denormals (the non-ftz forms
+// that __expf/__logf compile to add a range test and two multiplies around each).
+__device__ __forceinline__ float exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
-__device__ __forceinline__ float silu_fast(float x) { return x * __frcp_rn(1.0f + __expf(-x)); }
+__device__ __forceinline__ float log2_fast(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// For bf16/fp16 inputs (3-4 significant digits): hardware exp/log, relative error <= 1e-4. Both
+// branch-free (they run once per staged element of every scan chunk), with the approximate
+// reciprocal (__frcp_rn's IEEE rounding has a slow path behind a branch).
+__device__ __forceinline__ float softplus_fast(float x) {
+    const float e = exp2_fast(fminf(x, 20.0f) * kLog2e);
+    const float series = e * (1.0f - e * (0.5f - e * (1.0f / 3.0f)));  // log1p(e) for e < 0.0067
+    const float body = x < -5.0f ? series : log2_fast(1.0f + e) * (1.0f / kLog2e);
+    return x > 20.0f ? x : body;
+}
+__device__ __forceinline__ float silu_fast(float x) { return __fdividef(x, 1.0f + exp2_fast(-x * kLog2e)); }
 
 // 2^x for x <= 0, all FMAs and integer ops (no conversion-pipe instructions, which run at a quarter
 // of the FMA rate): rounding by the 1.5 * 2^23 shift, then 2^f for |f| <= 1/2 by its degree-7 Taylor
@@ -55,18 +71,12 @@ __device__ __forceinline__ float exp2_poly(float x) {
     p = fmaf(p, f, 1.0f);
     return __int_as_float(__float_as_int(p) + ((__float_as_int(shifted) - 0x4B400000) << 23));
 }
-// 2^x by the hardware's ex2 (MUFU, ~2 ulp), for bf16/fp16 inputs. Measured against float64 on
-// bf16-rounded inputs, the final state's error is 2.6e-6, and 1.4e-5 with decays within 1e-4 of 1
-// over 3,000 steps (3.2e-6 with exp2_poly): far below the inputs' rounding (3.9e-3), for a 1.2x
-// faster scan.
-__device__ __forceinline__ float exp2_fast(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 // The numerics by input type, shared by the prefill scan and the decode step so that both agree:
-// float32 inputs take the exact functions, bf16/fp16 inputs the hardware ones.
+// float32 inputs take the exact functions, bf16/fp16 inputs the hardware ones. For the decays of
+// bf16-rounded inputs, the hardware ex2 leaves a final-state error of 2.6e-6 against float64, and
+// 1.4e-5 with decays within 1e-4 of 1 over 3,000 steps (3.2e-6 with exp2_poly): far below the
+// inputs' rounding (3.9e-3), for a 1.2x faster scan.
 template <typename T>
 constexpr bool kHardwareMath = !std::is_same<T, float>::value;
 template <typename T>
@@ -123,15 +133,19 @@ __device__ __forceinline__ void load_row(const float* p, float (&v)[N]) {  // p 
 constexpr int tile_loads(int cols) { return kChunk * cols >= kThreads ? kChunk * cols / kThreads : 1; }
 
 // Loads this thread's part of the (kChunk, COLS) tile of rows t0... of p (row stride sl): column
-// `col`, 0 past `length` or where !col_ok.
-template <int COLS, typename T, int K>
+// `col`, 0 past `length` or where !col_ok. FULL: the whole chunk lies before `length`, so the loads
+// need no row guards (a guard per load was most of the instructions of this function).
+template <int COLS, bool FULL, typename T, int K>
 __device__ __forceinline__ void load_tile(const T* p, int64_t sl, int t0, int length, int col, bool col_ok, float (&v)[K]) {
     constexpr int kRowsPerPass = kThreads / COLS;
     const int r0 = t0 + static_cast<int>(threadIdx.x) / COLS;
+    const int end = FULL ? t0 + kChunk : min(length, t0 + kChunk);
     const T* q = p + (int64_t)r0 * sl + col;
 #pragma unroll
-    for (int k = 0; k < K; k++, q += kRowsPerPass * sl)
-        v[k] = col_ok && r0 + k * kRowsPerPass < min(length, t0 + kChunk) ? to_f(*q) : 0.0f;
+    for (int k = 0; k < K; k++, q += kRowsPerPass * sl) {
+        const bool row_ok = (FULL && kChunk * COLS >= kThreads) || r0 + k * kRowsPerPass < end;
+        v[k] = col_ok && row_ok ? to_f(*q) : 0.0f;
+    }
 }
 
 // MAXN: states per thread (n / kSplit rounded up, as a compile-time constant so the state lives in
@@ -176,12 +190,17 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
     const int n_col = threadIdx.x % kWidth;  // and of the B, C tiles
     const float bias = a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[cg]) : 0.0f;  // loaded once, not per chunk
     const float Dc = a.D ? a.D[cg] : 0.0f;
+    auto load_as = [&](auto full, int t0) {
+        constexpr bool kFull = decltype(full)::value;
+        load_tile<kWidth, kFull>(Bp, a.b_sl, t0, a.length, n_col, n_col < a.nstate, rb);
+        load_tile<kWidth, kFull>(Cp, a.c_sl, t0, a.length, n_col, n_col < a.nstate, rc);
+        load_tile<kChannels, kFull>(u, a.u_sl, t0, a.length, cg, true, ru);
+        load_tile<kChannels, kFull>(delta, a.d_sl, t0, a.length, cg, true, rd);
+        if (z) load_tile<kChannels, kFull>(z, a.z_sl, t0, a.length, cg, true, rz);
+    };
     auto load = [&](int t0) {
-        load_tile<kWidth>(Bp, a.b_sl, t0, a.length, n_col, n_col < a.nstate, rb);
-        load_tile<kWidth>(Cp, a.c_sl, t0, a.length, n_col, n_col < a.nstate, rc);
-        load_tile<kChannels>(u, a.u_sl, t0, a.length, cg, true, ru);
-        load_tile<kChannels>(delta, a.d_sl, t0, a.length, cg, true, rd);
-        if (z) load_tile<kChannels>(z, a.z_sl, t0, a.length, cg, true, rz);
+        if (t0 + kChunk <= a.length) load_as(std::true_type{}, t0);
+        else load_as(std::false_type{}, t0);
     };
     load(0);
     for (int t0 = 0; t0 < a.length; t0 += kChunk) {
@@ -197,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
 #pragma unroll
         for (int k = 0; k < kLoadsU; k++) {
             const int t = threadIdx.x / kChannels + k * (kThreads / kChannels), cl = threadIdx.x % kChannels;
-            const float dt = t0 + t < a.length ? softplus_for<T>(rd[k] + bias) : 0.0f;
+            const float dt = softplus_for<T>(rd[k] + bias) * (t0 + t < a.length ? 1.0f : 0.0f);  // a select, not a branch
             sDtU[t][cl] = make_float2(dt, dt * ru[k]);
             sDu[t][cl] = Dc * ru[k];
             sZ[t][cl] = z ? silu_for<T>(rz[k]) : 1.0f;
