@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mamba_core.cuda_graph import decoder_for
+
 
 def build(config_path: Path, dtype: torch.dtype, theirs_dtype: torch.dtype, backend: str = "auto", quantize: str = "none"):
     """Both models with identical seeded random weights (ours in `dtype`, optionally int8)."""
@@ -84,10 +86,11 @@ def time_ours(model, test: str, batch: int, vocab: int) -> float:
         start = time.perf_counter()
         model(ids, cache, logits_to_keep=1)
         return time.perf_counter() - start
-    token = model(torch.randint(0, vocab, (batch, 16)), cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+    token = model(torch.randint(0, vocab, (batch, 16)), cache, logits_to_keep=1)[:, -1].argmax(-1)
+    step = decoder_for(model, cache)  # the one-token step `mamba generate` uses
     start = time.perf_counter()
     for _ in range(n):
-        token = model(token, cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1)
     return time.perf_counter() - start
 
 

@@ -3,7 +3,8 @@
 A decode step of a small Mamba is hundreds of tiny kernels; launching them from Python costs far
 more than running them. Mamba's cache is preallocated and updated in place, so the whole step
 (embedding, every layer, the head) can be captured with a static token buffer and a static
-logits output, and replayed for each token: one launch per token.
+logits output, and replayed for each token: one launch per token. `decoder_for` picks the step a
+generation loop uses: this graph on CUDA, the compiled CPU backend's one-call step on the CPU.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ class GraphedDecoder:
 
 
 def decoder_for(model: MambaForCausalLM, cache: MambaCache):
-    """The fastest one-token step for this model: a CUDA graph on CUDA (unless the torch backend
-    was asked for, to compare), else the plain forward."""
+    """The fastest one-token step for this model: tokens (b,) -> logits (b, vocab), the cache
+    advanced. A CUDA graph on CUDA (unless the torch backend was asked for, to compare), the
+    backend's own whole-token step where it has one (the compiled CPU kernels), else the forward."""
     if model.device.type == "cuda" and model.backend != "torch":
         return GraphedDecoder(model, cache)
-    return lambda tokens: model(tokens[:, None], cache, logits_to_keep=1)[:, -1]
+    fused = getattr(model.ops, "decoder", None)
+    step = fused(model, cache) if fused is not None else None
+    return step or (lambda tokens: model(tokens[:, None], cache, logits_to_keep=1)[:, -1])

@@ -160,10 +160,37 @@ class CpuKernelOps(_KernelOps):
             return self.module.linear_rows(x, weight, bias, scale)
         return super().linear(x, weight, bias, scale)
 
+    def _fuses_mixer(self, w, rows: int, dtype) -> bool:
+        """Can `rows` decoded tokens of dtype take the one-call mixer with these StepWeights?"""
+        return rows <= self.gemv_rows and w.dt_w.dtype == dtype and all(self._gemv_takes(dtype, m) for m in (w.in_w, w.x_w, w.out_w))
+
     def mixer_step(self, w, hidden, conv_state, ssm_state):
-        if hidden.shape[0] > self.gemv_rows or w.dt_w.dtype != hidden.dtype or not all(self._gemv_takes(hidden.dtype, m) for m in (w.in_w, w.x_w, w.out_w)):
+        if not self._fuses_mixer(w, hidden.shape[0], hidden.dtype):
             return super().mixer_step(w, hidden, conv_state, ssm_state)
         return self.module.mixer_step(hidden, conv_state, ssm_state, *w)
+
+    def decoder(self, model, cache):
+        """A decoded token through the whole model in one C++ call (`model_step`: the same calls as
+        the forward, without its ~240 Python calls per token), or None where some layer would leave
+        the fused path. The weights are gathered once, here: like a captured CUDA graph, the step
+        serves one generation."""
+        dtype, backbone, head = model.dtype, model.backbone, model.lm_head
+        norms = [layer.norm.weight for layer in backbone.layers]
+        steps = [layer.mixer.step_weights() for layer in backbone.layers]
+        if not (all(n.dtype == dtype for n in [*norms, backbone.norm_f.weight]) and self._gemv_takes(dtype, head.weight)
+                and all(self._fuses_mixer(w, cache.batch_size, dtype) for w in steps)):
+            return None
+        layers = [t for norm, w in zip(norms, steps) for t in (norm, *w)]
+        args = (backbone.embeddings.weight, getattr(backbone.embeddings, "weight_scale", None), layers, cache._conv, cache._ssm,
+                backbone.norm_f.weight, backbone.norm_f.variance_epsilon, model.config.residual_in_fp32, head.weight,
+                getattr(head, "weight_scale", None))
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            logits = self.module.model_step(tokens, *args)  # (b, vocab) float32
+            cache.seen_tokens += 1
+            return logits
+
+        return step
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         if ssm_state is None:

@@ -162,7 +162,7 @@ class MambaForCausalLM(nn.Module):
         self.config = config
         self.backbone = MambaModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.backend = "torch"
+        self.backend, self.ops = "torch", get_ops("torch")  # the ops backend in use (`use_ops` sets both)
         self.quantization: str | None = None  # "int8" after quantize.quantize_model_
         self.cpu_prefill_rows = 1024  # see forward
         self.tie_weights()

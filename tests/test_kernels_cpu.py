@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import rel_err, run_cli
+from mamba_core.cuda_graph import decoder_for
 from mamba_core.kernels import cpu_backend
 from mamba_core.loading import load_model
 from mamba_core.ops.reference import TorchOps, sequential_scan
@@ -126,6 +127,29 @@ def test_decoded_tokens_with_kernels_match_torch_path(dtype):
         assert rel_err(got, want) <= (1e-5 if dtype == "float32" else 1e-2)  # measured 5e-7 / 2e-3
     for a, b in zip([*caches[0].ssm_states, *caches[0].conv_states], [*caches[1].ssm_states, *caches[1].conv_states]):
         assert rel_err(b.float(), a.float()) <= (1e-5 if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.parametrize("dtype, quantize", [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
+def test_whole_token_step_matches_forward(dtype, quantize):
+    """decoder_for's one-call token (`model_step`) against the same model's forward (the same C++
+    calls: bit-identical) and the torch path; with more rows than the GEMV takes, it is not used."""
+    ids = torch.randint(0, 2048, (3, 30), generator=torch.Generator().manual_seed(6))
+    plain = load_model("tiny-wikitext", backend="torch", dtype=dtype, quantize=quantize).model
+    fast = load_model("tiny-wikitext", backend="cpu-kernels", dtype=dtype, quantize=quantize).model
+    caches = fast.make_cache(3), fast.make_cache(3), plain.make_cache(3)
+    fast(ids, caches[0]), fast(ids, caches[1]), plain(ids, caches[2])
+    tol = 1e-5 if dtype == "float32" else 2e-2 if quantize else 1e-2  # torch's path rounds w * scale to bf16
+    step = decoder_for(fast, caches[0])
+    assert step.__qualname__.startswith("CpuKernelOps.decoder")
+    token = ids[:, -1]
+    for _ in range(5):
+        got = step(token)
+        forward, want = fast(token[:, None], caches[1])[:, -1], plain(token[:, None], caches[2])[:, -1]
+        assert torch.equal(got, forward) and rel_err(got, want) <= tol
+        token = got.argmax(-1)
+    assert torch.equal(caches[0]._ssm, caches[1]._ssm) and torch.equal(caches[0]._conv, caches[1]._conv)
+    assert caches[0].seen_tokens == caches[1].seen_tokens == 35
+    assert kernels.decoder(fast, fast.make_cache(kernels.gemv_rows + 1)) is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2, reason="OpenMP builds are Linux-only; needs 2 cores")

@@ -165,3 +165,30 @@ torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::
                          ssm_state);  // (b, 1, d)
     return linear_rows(y, out_w, out_b, out_scale);
 }
+
+// One decoded token through the whole model in one call: tokens (b,) -> logits (b, vocab) float32,
+// each layer's conv and SSM states (slices of conv_states (layers, b, d, k) and ssm_states
+// (layers, b, d, n)) updated in place. The same C++ calls in the same order as the model's
+// forward with this backend (so the same numbers), without its ~24 x 10 Python calls per token.
+// `layers` holds, per layer, the norm weight followed by the 13 ops.reference.StepWeights entries
+// (None where the model has none); embed_scale / head_scale are the int8 tables' row scales.
+torch::Tensor model_step(torch::Tensor tokens, torch::Tensor embed, c10::optional<torch::Tensor> embed_scale,
+                         std::vector<c10::optional<torch::Tensor>> layers, torch::Tensor conv_states, torch::Tensor ssm_states,
+                         torch::Tensor norm_f, double eps, bool residual_fp32, torch::Tensor head_w, c10::optional<torch::Tensor> head_scale) {
+    constexpr size_t kPerLayer = 14;
+    TORCH_CHECK(layers.size() == kPerLayer * static_cast<size_t>(conv_states.size(0)), "model_step: ", kPerLayer, " entries per layer");
+    const auto dtype = norm_f.scalar_type();
+    auto hidden = embed.index_select(0, tokens);  // (b, h)
+    if (embed_scale.has_value()) hidden = hidden.to(at::kFloat) * embed_scale->index_select(0, tokens).unsqueeze(1);
+    hidden = hidden.to(dtype).unsqueeze(1);  // (b, 1, h)
+    c10::optional<torch::Tensor> residual;
+    for (int64_t i = 0; i < conv_states.size(0); i++) {
+        const auto* w = &layers[i * kPerLayer];
+        auto normed = add_rms_norm(hidden, residual, *w[0], eps, residual_fp32, true);
+        residual = normed[1];
+        hidden = mixer_step(normed[0], conv_states.select(0, i), ssm_states.select(0, i), *w[1], w[2], w[3], *w[4], w[5], *w[6], *w[7], w[8],
+                            *w[9], w[10], *w[11], w[12], w[13]);
+    }
+    auto last = add_rms_norm(hidden, residual, norm_f, eps, residual_fp32, false)[0];  // (b, 1, h)
+    return linear_rows(last, head_w, c10::nullopt, head_scale).to(at::kFloat).squeeze(1);  // (b, vocab)
+}

@@ -220,6 +220,9 @@ torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::
                          c10::optional<torch::Tensor> conv_b, torch::Tensor x_w, torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b,
                          torch::Tensor A, c10::optional<torch::Tensor> D, torch::Tensor out_w, c10::optional<torch::Tensor> out_b,
                          c10::optional<torch::Tensor> out_scale);
+torch::Tensor model_step(torch::Tensor tokens, torch::Tensor embed, c10::optional<torch::Tensor> embed_scale,
+                         std::vector<c10::optional<torch::Tensor>> layers, torch::Tensor conv_states, torch::Tensor ssm_states,
+                         torch::Tensor norm_f, double eps, bool residual_fp32, torch::Tensor head_w, c10::optional<torch::Tensor> head_scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CPU)");
@@ -228,5 +231,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CPU)");
     m.def("decode_step", &decode_step, "dt_proj + softplus + one selective-scan step (CPU)");
     m.def("mixer_step", &mixer_step, "one decoded token through a mixer (CPU)");
+    m.def("model_step", &model_step, "one decoded token through the whole model: tokens -> logits (CPU)");
     m.def("parallel_threads", &parallel_threads, "threads a parallel_for uses (1 without OpenMP)");
 }
