@@ -63,7 +63,7 @@ def _cached(kind: str, loader, build: bool):
 
 def load_cpu(build: bool = True):
     """The compiled CPU module; builds it if needed (and allowed). Raises RuntimeError with the reason."""
-    sources = [CSRC / "cpu" / name for name in ("mamba_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp", "vec.h")] + [CSRC / "norm_tensors.h"]
+    sources = [CSRC / "cpu" / name for name in ("mamba_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp", "model_cpu.cpp", "blocks.h", "vec.h")] + [CSRC / "norm_tensors.h"]
     # -fopenmp: ATen's parallel_for is inline OpenMP in torch's headers and runs serially without
     # it; the OpenMP symbols then resolve to the libgomp that torch itself loads (one thread pool).
     # Only on Linux, where torch ships libgomp: elsewhere (Apple clang has no -fopenmp) the kernels
@@ -180,7 +180,8 @@ class CpuKernelOps(_KernelOps):
         if not (all(n.dtype == dtype for n in [*norms, backbone.norm_f.weight]) and self._gemv_takes(dtype, head.weight)
                 and all(self._fuses_mixer(w, cache.batch_size, dtype) for w in steps)):
             return None
-        layers = [t for norm, w in zip(norms, steps) for t in (norm, *w)]
+        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731  (as the single-op kernels convert them)
+        layers = [t for norm, w in zip(norms, steps) for t in (norm, *w._replace(in_b=f32(w.in_b), dt_b=f32(w.dt_b), D=f32(w.D), out_b=f32(w.out_b)))]
         args = (backbone.embeddings.weight, getattr(backbone.embeddings, "weight_scale", None), layers, cache._conv, cache._ssm,
                 backbone.norm_f.weight, backbone.norm_f.variance_epsilon, model.config.residual_in_fp32, head.weight,
                 getattr(head, "weight_scale", None))

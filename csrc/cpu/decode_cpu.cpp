@@ -9,34 +9,15 @@
 #include <cmath>
 
 #include "../norm_tensors.h"
-#include "vec.h"
+#include "blocks.h"
 
 namespace {
 
 using namespace mamba_cpu;
 
-// s = residual + x (in R), out = weight * T(s' * rsqrt(mean(s'^2) + eps)) with s' = T(s) if cast_input:
-// the roundings of transformers' torch code (see ops/reference.py: add_rms_norm).
 template <typename T, typename R>
 void add_rms_norm_rows(const T* x, const R* residual, const T* weight, T* out, R* res_out, int64_t rows, int64_t h, float eps, bool cast_input) {
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; row++) {
-            const T* xr = x + row * h;
-            R* sr = res_out + row * h;
-            float ss = 0.0f;
-            for (int64_t i = 0; i < h; i++) {
-                const float sum = residual != nullptr ? static_cast<float>(residual[row * h + i]) + static_cast<float>(xr[i]) : static_cast<float>(xr[i]);
-                sr[i] = static_cast<R>(sum);
-                const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
-                ss += v * v;
-            }
-            const float scale = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
-            for (int64_t i = 0; i < h; i++) {
-                const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
-                out[row * h + i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(v * scale)));
-            }
-        }
-    });
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { add_rms_norm_range(x, residual, weight, out, res_out, h, eps, cast_input, begin, end); });
 }
 
 }  // namespace
@@ -56,51 +37,6 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Te
     });
     return {t.out, t.res_out};
 }
-
-namespace {
-
-// One tile of a decode step: channels c0 .. c0+rows-1 (rows <= 16) of one sequence, whose u, z, B,
-// C, state and y the pointers already address. dt = softplus(T(dt_low . dt_weight[c]) + bias[c]) as
-// the unfused path rounds it (bias may be null), then for each channel its state row (n,), contiguous:
-// h = exp(dt A) h + dt u B, y = <h, C> + D u, gated by silu(z). Per-channel values live in 16-lane
-// vectors filled through small arrays (a vector lane chosen at run time is a store and a reload).
-template <typename T>
-void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const float* lowf, const T* wp, const float* bias,
-                 const T* up, const T* zp, const T* Bp, const T* Cp, const float* Ap, const float* Dp, float* hp, T* yp) {
-    alignas(64) float raw[kLanes] = {}, sums[kLanes] = {}, dts[kLanes];
-    for (int64_t r = 0; r < rows; r++) {  // dt_proj: a dot product over the rank per channel
-        const T* w = wp + (c0 + r) * rank;
-        vf acc = {};
-        for (int64_t j = 0; j < rank; j += kLanes) acc += load_tile(lowf + j, std::min(kLanes, rank - j)) * load_tile(w + j, std::min(kLanes, rank - j));
-        raw[r] = static_cast<float>(static_cast<T>(hsum(acc))) + (bias != nullptr ? bias[c0 + r] : 0.0f);
-    }
-    const vf dt = vsoftplus(load16(raw));
-    std::memcpy(dts, &dt, sizeof(dts));
-    const vf u = load_tile(up + c0, rows);
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t c = c0 + r;
-        const float du = dts[r] * static_cast<float>(up[c0 + r]);
-        float* h = hp + c * nstate;  // (n,)
-        vf acc = {};
-        for (int64_t n0 = 0; n0 < nstate; n0 += kLanes) {
-            const int64_t width = std::min(kLanes, nstate - n0);
-            vf hv = load_tile(h + n0, width);
-            hv = vexp(dts[r] * load_tile(Ap + c * nstate + n0, width)) * hv + du * load_tile(Bp + n0, width);
-            store_tile(h + n0, hv, width);
-            acc += hv * load_tile(Cp + n0, width);
-        }
-        sums[r] = hsum(acc);
-    }
-    vf out = load16(sums);
-    if (Dp != nullptr) out += load_tile(Dp + c0, rows) * u;
-    if (zp != nullptr) {
-        const vf zv = load_tile(zp + c0, rows);
-        out *= vsilu(zv);
-    }
-    store_tile(yp + c0, out, rows);
-}
-
-}  // namespace
 
 // y (b, 1, d) of one decode step from `state` (b, d, n) float32, updated in place: dt_proj, bias,
 // softplus and the scan step in one pass over tiles of 16 channels (see decode_tile). Unlike the
@@ -166,29 +102,3 @@ torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::
     return linear_rows(y, out_w, out_b, out_scale);
 }
 
-// One decoded token through the whole model in one call: tokens (b,) -> logits (b, vocab) float32,
-// each layer's conv and SSM states (slices of conv_states (layers, b, d, k) and ssm_states
-// (layers, b, d, n)) updated in place. The same C++ calls in the same order as the model's
-// forward with this backend (so the same numbers), without its ~24 x 10 Python calls per token.
-// `layers` holds, per layer, the norm weight followed by the 13 ops.reference.StepWeights entries
-// (None where the model has none); embed_scale / head_scale are the int8 tables' row scales.
-torch::Tensor model_step(torch::Tensor tokens, torch::Tensor embed, c10::optional<torch::Tensor> embed_scale,
-                         std::vector<c10::optional<torch::Tensor>> layers, torch::Tensor conv_states, torch::Tensor ssm_states,
-                         torch::Tensor norm_f, double eps, bool residual_fp32, torch::Tensor head_w, c10::optional<torch::Tensor> head_scale) {
-    constexpr size_t kPerLayer = 14;
-    TORCH_CHECK(layers.size() == kPerLayer * static_cast<size_t>(conv_states.size(0)), "model_step: ", kPerLayer, " entries per layer");
-    const auto dtype = norm_f.scalar_type();
-    auto hidden = embed.index_select(0, tokens);  // (b, h)
-    if (embed_scale.has_value()) hidden = hidden.to(at::kFloat) * embed_scale->index_select(0, tokens).unsqueeze(1);
-    hidden = hidden.to(dtype).unsqueeze(1);  // (b, 1, h)
-    c10::optional<torch::Tensor> residual;
-    for (int64_t i = 0; i < conv_states.size(0); i++) {
-        const auto* w = &layers[i * kPerLayer];
-        auto normed = add_rms_norm(hidden, residual, *w[0], eps, residual_fp32, true);
-        residual = normed[1];
-        hidden = mixer_step(normed[0], conv_states.select(0, i), ssm_states.select(0, i), *w[1], w[2], w[3], *w[4], w[5], *w[6], *w[7], w[8],
-                            *w[9], w[10], *w[11], w[12], w[13]);
-    }
-    auto last = add_rms_norm(hidden, residual, norm_f, eps, residual_fp32, false)[0];  // (b, 1, h)
-    return linear_rows(last, head_w, c10::nullopt, head_scale).to(at::kFloat).squeeze(1);  // (b, vocab)
-}

@@ -18,86 +18,19 @@
 
 #include <algorithm>
 #include <cstdint>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
-#include "vec.h"
+#include "blocks.h"
 
 namespace {
 
 using namespace mamba_cpu;
 using c10::BFloat16;
 
-constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the current weight the prefetch reads
-
-// 16 int8 weights widened to float32 (with AVX-512: one sign extension and one convert; GCC's
-// generic vector conversion of int8 is scalarised).
-inline vf widen(const int8_t* p) {
-#ifdef __AVX512F__
-    return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
-#else
-    return load16(p);
-#endif
-}
-
-// The dot product x . w of one row, k elements: X is the type x is read in (float32, or bf16
-// for bf16 weights), W the weight type. Four independent accumulators over 64 elements per step
-// (an array of accumulators was kept on the stack by GCC, every FMA waiting on a store).
-template <typename X, typename W>
-float dot(const X* x, const W* w, int64_t k) {
-    constexpr int64_t kStep = 4 * kLanes;
-    const int64_t body = k / kStep * kStep;
-    float s;
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<W, BFloat16>) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        for (int64_t i = 0; i < body; i += kStep) {  // 64 bf16 = two lines: two vdpbf16ps of 32 pairs
-            __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, 0, 2);
-            __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes + 64, 0, 2);
-            a0 = _mm512_dpbf16_ps(a0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i)), reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i)));
-            a1 = _mm512_dpbf16_ps(a1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i + 32)),
-                                  reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i + 32)));
-        }
-        s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    } else
-#endif
-    {
-        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        for (int64_t i = 0; i < body; i += kStep) {
-            for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(W)); line += 64)
-                __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes + line, 0, 2);
-            if constexpr (std::is_same_v<W, int8_t>) {
-                a0 += load16(x + i) * widen(w + i);
-                a1 += load16(x + i + kLanes) * widen(w + i + kLanes);
-                a2 += load16(x + i + 2 * kLanes) * widen(w + i + 2 * kLanes);
-                a3 += load16(x + i + 3 * kLanes) * widen(w + i + 3 * kLanes);
-            } else {
-                a0 += load16(x + i) * load16(w + i);
-                a1 += load16(x + i + kLanes) * load16(w + i + kLanes);
-                a2 += load16(x + i + 2 * kLanes) * load16(w + i + 2 * kLanes);
-                a3 += load16(x + i + 3 * kLanes) * load16(w + i + 3 * kLanes);
-            }
-        }
-        s = hsum((a0 + a1) + (a2 + a3));
-    }
-    for (int64_t i = body; i < k; i++) s += static_cast<float>(x[i]) * static_cast<float>(w[i]);
-    return s;
-}
-
 // y (m, n) = x (m, k) @ w (n, k)^T (* scale) (+ bias), rows of W in contiguous ranges per thread.
 template <typename X, typename W, typename Y>
 void gemv(const X* x, int64_t m, int64_t k, const W* w, int64_t n, const float* scale, const float* bias, Y* y) {
     const int64_t grain = std::max<int64_t>(1, 16384 / k);  // at least ~16 KB of W per task
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; r++)
-            for (int64_t i = 0; i < m; i++) {
-                float v = dot(x + i * k, w + r * k, k);
-                if (scale != nullptr) v *= scale[r];
-                if (bias != nullptr) v += bias[r];
-                y[i * n + r] = static_cast<Y>(v);
-            }
-    });
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { gemv_range(x, m, k, w, n, scale, bias, y, begin, end); });
 }
 
 }  // namespace

@@ -19,7 +19,7 @@
 #include <cstring>
 #include <vector>
 
-#include "vec.h"
+#include "blocks.h"
 
 namespace {
 
@@ -127,26 +127,9 @@ torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor
     return y;
 }
 
-// One decoded token of the conv: per channel, shift its state row (k,) left, append x, and
-// y = silu(<row, weight row> + bias). Scalar per channel (k multiply-adds): at one token the
-// tile set-up of the prompt path (state and weights transposed into 16-lane windows) cost 5x more.
 template <typename T>
 void conv_step(const T* x, int64_t x_sb, const T* weight, const T* bias, T* state, T* y, int64_t batch, int64_t dim, int64_t kernel) {
-    at::parallel_for(0, batch * dim, 512, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; i++) {
-            const int64_t b = i / dim, c = i % dim;
-            T* row = state + i * kernel;  // (k,) oldest first
-            const T* w = weight + c * kernel;
-            float acc = bias != nullptr ? static_cast<float>(bias[c]) : 0.0f;
-            for (int64_t j = 0; j + 1 < kernel; j++) {
-                row[j] = row[j + 1];
-                acc += static_cast<float>(row[j]) * static_cast<float>(w[j]);
-            }
-            row[kernel - 1] = x[b * x_sb + c];
-            acc += static_cast<float>(row[kernel - 1]) * static_cast<float>(w[kernel - 1]);
-            y[i] = static_cast<T>(acc / (1.0f + std::exp(-acc)));
-        }
-    });
+    at::parallel_for(0, batch * dim, 512, [&](int64_t begin, int64_t end) { conv_step_range(x, x_sb, weight, bias, state, y, dim, kernel, begin, end); });
 }
 
 // silu(causal depthwise conv of x (b, l, d) with weight (d, k)), continuing from conv_state

@@ -1,0 +1,174 @@
+// The building blocks of a decoded token, each over a range of its work items so that a caller can
+// share them among threads: ATen's parallel_for in the single-op kernels (linear_cpu.cpp,
+// mamba_cpu.cpp, decode_cpu.cpp), one OpenMP region for a whole token in model_cpu.cpp.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "vec.h"
+
+namespace mamba_cpu {
+
+using c10::BFloat16;
+
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the current weight the prefetch reads
+
+// 16 int8 weights widened to float32 (with AVX-512: one sign extension and one convert; GCC's
+// generic vector conversion of int8 is scalarised).
+inline vf widen(const int8_t* p) {
+#ifdef __AVX512F__
+    return reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#else
+    return load16(p);
+#endif
+}
+
+// The dot product x . w of one row, k elements: X is the type x is read in (float32, or bf16
+// for bf16 weights), W the weight type. Four independent accumulators over 64 elements per step
+// (an array of accumulators was kept on the stack by GCC, every FMA waiting on a store).
+template <typename X, typename W>
+float dot(const X* x, const W* w, int64_t k) {
+    constexpr int64_t kStep = 4 * kLanes;
+    const int64_t body = k / kStep * kStep;
+    float s;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<W, BFloat16>) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (int64_t i = 0; i < body; i += kStep) {  // 64 bf16 = two lines: two vdpbf16ps of 32 pairs
+            __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, 0, 2);
+            __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes + 64, 0, 2);
+            a0 = _mm512_dpbf16_ps(a0, reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i)), reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i)));
+            a1 = _mm512_dpbf16_ps(a1, reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i + 32)),
+                                  reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + i + 32)));
+        }
+        s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    } else
+#endif
+    {
+        vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t i = 0; i < body; i += kStep) {
+            for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(W)); line += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes + line, 0, 2);
+            if constexpr (std::is_same_v<W, int8_t>) {
+                a0 += load16(x + i) * widen(w + i);
+                a1 += load16(x + i + kLanes) * widen(w + i + kLanes);
+                a2 += load16(x + i + 2 * kLanes) * widen(w + i + 2 * kLanes);
+                a3 += load16(x + i + 3 * kLanes) * widen(w + i + 3 * kLanes);
+            } else {
+                a0 += load16(x + i) * load16(w + i);
+                a1 += load16(x + i + kLanes) * load16(w + i + kLanes);
+                a2 += load16(x + i + 2 * kLanes) * load16(w + i + 2 * kLanes);
+                a3 += load16(x + i + 3 * kLanes) * load16(w + i + 3 * kLanes);
+            }
+        }
+        s = hsum((a0 + a1) + (a2 + a3));
+    }
+    for (int64_t i = body; i < k; i++) s += static_cast<float>(x[i]) * static_cast<float>(w[i]);
+    return s;
+}
+
+// Rows begin..end of y (m, n) = x (m, k) @ w (n, k)^T (* scale) (+ bias): one thread's share of a
+// product, rows of W streamed in order.
+template <typename X, typename W, typename Y>
+void gemv_range(const X* x, int64_t m, int64_t k, const W* w, int64_t n, const float* scale, const float* bias, Y* y, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++)
+        for (int64_t i = 0; i < m; i++) {
+            float v = dot(x + i * k, w + r * k, k);
+            if (scale != nullptr) v *= scale[r];
+            if (bias != nullptr) v += bias[r];
+            y[i * n + r] = static_cast<Y>(v);
+        }
+}
+
+// Rows begin..end: s = residual + x (in R), out = weight * T(s' * rsqrt(mean(s'^2) + eps)) with
+// s' = T(s) if cast_input: the roundings of transformers' torch code (ops/reference.py: add_rms_norm).
+template <typename T, typename R>
+void add_rms_norm_range(const T* x, const R* residual, const T* weight, T* out, R* res_out, int64_t h, float eps, bool cast_input, int64_t begin,
+                        int64_t end) {
+    for (int64_t row = begin; row < end; row++) {
+        const T* xr = x + row * h;
+        R* sr = res_out + row * h;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < h; i++) {
+            const float sum = residual != nullptr ? static_cast<float>(residual[row * h + i]) + static_cast<float>(xr[i]) : static_cast<float>(xr[i]);
+            sr[i] = static_cast<R>(sum);
+            const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
+            ss += v * v;
+        }
+        const float scale = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
+        for (int64_t i = 0; i < h; i++) {
+            const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
+            out[row * h + i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(v * scale)));
+        }
+    }
+}
+
+// One decoded token of the conv, items begin..end of (batch x channels): per channel, shift its
+// state row (k,) left, append x, and y = silu(<row, weight row> + bias). Scalar per channel (k multiply-adds): at one token the
+// tile set-up of the prompt path (state and weights transposed into 16-lane windows) cost 5x more.
+template <typename T>
+void conv_step_range(const T* x, int64_t x_sb, const T* weight, const T* bias, T* state, T* y, int64_t dim, int64_t kernel, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {  // i = b * dim + c
+        const int64_t b = i / dim, c = i % dim;
+        T* row = state + i * kernel;  // (k,) oldest first
+        const T* w = weight + c * kernel;
+        float acc = bias != nullptr ? static_cast<float>(bias[c]) : 0.0f;
+        for (int64_t j = 0; j + 1 < kernel; j++) {
+            row[j] = row[j + 1];
+            acc += static_cast<float>(row[j]) * static_cast<float>(w[j]);
+        }
+        row[kernel - 1] = x[b * x_sb + c];
+        acc += static_cast<float>(row[kernel - 1]) * static_cast<float>(w[kernel - 1]);
+        y[i] = static_cast<T>(acc / (1.0f + std::exp(-acc)));
+    }
+}
+
+// One tile of a decode step: channels c0 .. c0+rows-1 (rows <= 16) of one sequence, whose u, z, B,
+// C, state and y the pointers already address. dt = softplus(T(dt_low . dt_weight[c]) + bias[c]) as
+// the unfused path rounds it (bias may be null), then for each channel its state row (n,), contiguous:
+// h = exp(dt A) h + dt u B, y = <h, C> + D u, gated by silu(z). Per-channel values live in 16-lane
+// vectors filled through small arrays (a vector lane chosen at run time is a store and a reload).
+template <typename T>
+void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const float* lowf, const T* wp, const float* bias,
+                 const T* up, const T* zp, const T* Bp, const T* Cp, const float* Ap, const float* Dp, float* hp, T* yp) {
+    alignas(64) float raw[kLanes] = {}, sums[kLanes] = {}, dts[kLanes];
+    for (int64_t r = 0; r < rows; r++) {  // dt_proj: a dot product over the rank per channel
+        const T* w = wp + (c0 + r) * rank;
+        vf acc = {};
+        for (int64_t j = 0; j < rank; j += kLanes) acc += load_tile(lowf + j, std::min(kLanes, rank - j)) * load_tile(w + j, std::min(kLanes, rank - j));
+        raw[r] = static_cast<float>(static_cast<T>(hsum(acc))) + (bias != nullptr ? bias[c0 + r] : 0.0f);
+    }
+    const vf dt = vsoftplus(load16(raw));
+    std::memcpy(dts, &dt, sizeof(dts));
+    const vf u = load_tile(up + c0, rows);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t c = c0 + r;
+        const float du = dts[r] * static_cast<float>(up[c0 + r]);
+        float* h = hp + c * nstate;  // (n,)
+        vf acc = {};
+        for (int64_t n0 = 0; n0 < nstate; n0 += kLanes) {
+            const int64_t width = std::min(kLanes, nstate - n0);
+            vf hv = load_tile(h + n0, width);
+            hv = vexp(dts[r] * load_tile(Ap + c * nstate + n0, width)) * hv + du * load_tile(Bp + n0, width);
+            store_tile(h + n0, hv, width);
+            acc += hv * load_tile(Cp + n0, width);
+        }
+        sums[r] = hsum(acc);
+    }
+    vf out = load16(sums);
+    if (Dp != nullptr) out += load_tile(Dp + c0, rows) * u;
+    if (zp != nullptr) {
+        const vf zv = load_tile(zp + c0, rows);
+        out *= vsilu(zv);
+    }
+    store_tile(yp + c0, out, rows);
+}
+
+}  // namespace mamba_cpu

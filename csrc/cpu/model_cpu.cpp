@@ -1,0 +1,160 @@
+// One decoded token through the whole model in one call and one parallel region: tokens (b,) ->
+// logits (b, vocab). At one token a 130M model is ~150 small steps (24 layers x norm, in_proj, conv,
+// x_proj, decode step, out_proj); run as separate kernels each pays a fork/join of the thread pool
+// and a few torch allocations and conversions, which on a 2-core host took ~2 ms of a 9-14 ms token.
+// Here the threads enter one OpenMP region, split each step's rows or channels between them, and
+// meet at a barrier between steps; buffers are allocated once per call. The arithmetic is that of
+// the single-op kernels (the same building blocks, blocks.h), so the logits are bit-identical to
+// the model's forward with this backend.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "blocks.h"
+
+namespace {
+
+using namespace mamba_cpu;
+
+// Part `part` of `parts` of the items 0..n: contiguous, as even as the count allows.
+inline std::pair<int64_t, int64_t> share(int64_t n, int part, int parts) { return {n * part / parts, n * (part + 1) / parts}; }
+
+// A projection's share of rows: y (m, n) = x (m, k) @ W^T, W of the model dtype T (x read as T) or
+// int8 with row scales (x read as float32, xf: this thread's float32 copy of x).
+template <typename T>
+void project(const T* x, float* xf, int64_t m, int64_t k, const torch::Tensor& w, const float* scale, const float* bias, T* y, int part, int parts) {
+    const int64_t n = w.size(0);
+    const auto [begin, end] = share(n, part, parts);
+    if (w.scalar_type() == torch::kChar) {
+        for (int64_t i = 0; i < m * k; i++) xf[i] = static_cast<float>(x[i]);
+        gemv_range(xf, m, k, w.data_ptr<int8_t>(), n, scale, bias, y, begin, end);
+    } else {
+        gemv_range(x, m, k, w.data_ptr<T>(), n, scale, bias, y, begin, end);
+    }
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<torch::Tensor>& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; }
+
+// One layer's tensors: the norm weight, then ops.reference.StepWeights' fields in order, with the
+// projection and dt biases (and D) as float32, as the single-op kernels convert them.
+struct Layer {
+    torch::Tensor norm, in_w, conv_w, x_w, dt_w, A, out_w;
+    c10::optional<torch::Tensor> in_b, in_scale, conv_b, dt_b, D, out_b, out_scale;
+};
+
+Layer unpack(const std::vector<c10::optional<torch::Tensor>>& t, size_t i, at::ScalarType dtype) {
+    Layer l{*t[i], *t[i + 1], *t[i + 4], *t[i + 6], *t[i + 7], *t[i + 9], *t[i + 11], t[i + 2], t[i + 3], t[i + 5], t[i + 8], t[i + 10], t[i + 12], t[i + 13]};
+    for (const auto* m : {&l.norm, &l.conv_w, &l.x_w, &l.dt_w})
+        TORCH_CHECK(m->scalar_type() == dtype && m->is_contiguous(), "model_step: norm, conv, x_proj and dt_proj weights must be contiguous, in the model dtype");
+    for (const auto* m : {&l.in_w, &l.out_w})
+        TORCH_CHECK((m->scalar_type() == dtype || m->scalar_type() == torch::kChar) && m->is_contiguous(), "model_step: projections in the model dtype or int8");
+    TORCH_CHECK(l.A.scalar_type() == torch::kFloat && l.A.is_contiguous(), "model_step: A must be contiguous float32");
+    TORCH_CHECK(!l.conv_b.has_value() || l.conv_b->scalar_type() == dtype, "model_step: the conv bias must be in the model dtype");
+    for (const auto* m : {&l.in_b, &l.in_scale, &l.dt_b, &l.D, &l.out_b, &l.out_scale})
+        TORCH_CHECK(!m->has_value() || ((*m)->scalar_type() == torch::kFloat && (*m)->is_contiguous()), "model_step: biases, scales and D as float32");
+    return l;
+}
+
+// T: the model dtype, R: the residual stream's (float32 when residual_fp32, else T).
+template <typename T, typename R>
+void run_token(const torch::Tensor& tokens, const torch::Tensor& embed, const c10::optional<torch::Tensor>& embed_scale, const std::vector<Layer>& layers,
+               const torch::Tensor& conv_states, const torch::Tensor& ssm_states, const torch::Tensor& norm_f, float eps, const torch::Tensor& head_w,
+               const c10::optional<torch::Tensor>& head_scale, torch::Tensor& logits) {
+    const int64_t batch = tokens.size(0), h = embed.size(1), vocab = head_w.size(0);
+    const int64_t d = layers[0].conv_w.size(0), kernel = layers[0].conv_w.size(1), rank = layers[0].dt_w.size(1), n = layers[0].A.size(1);
+    const int64_t low_width = rank + 2 * n, tiles = (d + kLanes - 1) / kLanes;
+    TORCH_CHECK(rank <= 256, "model_step supports a dt rank up to 256");
+    std::vector<T> hidden(batch * h), normed(batch * h), xz(batch * 2 * d), x(batch * d), low(batch * low_width), y(batch * d), head(batch * vocab);
+    std::vector<R> residual(batch * h);
+    const int64_t* ids = tokens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; b++) {  // the embedding rows (int8 tables: q * scale in float32, then T)
+        TORCH_CHECK(ids[b] >= 0 && ids[b] < embed.size(0), "model_step: token id ", ids[b], " out of range");
+        for (int64_t i = 0; i < h; i++)
+            hidden[b * h + i] = embed_scale.has_value() ? static_cast<T>(static_cast<float>(embed.data_ptr<int8_t>()[ids[b] * h + i]) * embed_scale->data_ptr<float>()[ids[b]])
+                                                        : embed.data_ptr<T>()[ids[b] * h + i];
+    }
+    T* conv_all = conv_states.data_ptr<T>();  // (layers, b, d, k)
+    float* ssm_all = ssm_states.data_ptr<float>();  // (layers, b, d, n)
+    const int parts = at::get_num_threads();
+#pragma omp parallel num_threads(parts)
+    {
+#ifdef _OPENMP
+        const int part = omp_get_thread_num();
+#else
+        const int part = 0;
+#endif
+        std::vector<float> xf(batch * std::max(h, d));  // float32 inputs of int8 projections
+        float lowf[256];
+        for (size_t i = 0; i < layers.size(); i++) {
+            const Layer& l = layers[i];
+            if (part == 0)  // s = residual + hidden (in place: each element is read before it is written)
+                add_rms_norm_range(hidden.data(), i == 0 ? nullptr : residual.data(), l.norm.data_ptr<T>(), normed.data(), residual.data(), h, eps, true, 0, batch);
+#pragma omp barrier
+            project(normed.data(), xf.data(), batch, h, l.in_w, ptr_or_null<float>(l.in_scale), ptr_or_null<float>(l.in_b), xz.data(), part, parts);
+#pragma omp barrier
+            const auto [c_begin, c_end] = share(batch * d, part, parts);
+            conv_step_range(xz.data(), 2 * d, l.conv_w.data_ptr<T>(), ptr_or_null<T>(l.conv_b), conv_all + i * batch * d * kernel, x.data(), d, kernel, c_begin, c_end);
+#pragma omp barrier
+            project(x.data(), xf.data(), batch, d, l.x_w, nullptr, nullptr, low.data(), part, parts);
+#pragma omp barrier
+            const auto [t_begin, t_end] = share(batch * tiles, part, parts);
+            for (int64_t t = t_begin; t < t_end; t++) {  // the decode step, by tiles of 16 channels
+                const int64_t b = t / tiles, c0 = (t % tiles) * kLanes;
+                const T* lb = low.data() + b * low_width;  // dt_low (rank), B (n), C (n)
+                for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(lb[j]);
+                decode_tile<T>(c0, std::min(kLanes, d - c0), rank, n, lowf, l.dt_w.data_ptr<T>(), ptr_or_null<float>(l.dt_b), x.data() + b * d,
+                               xz.data() + b * 2 * d + d, lb + rank, lb + rank + n, l.A.data_ptr<float>(), ptr_or_null<float>(l.D),
+                               ssm_all + (i * batch + b) * d * n, y.data() + b * d);
+            }
+#pragma omp barrier
+            project(y.data(), xf.data(), batch, d, l.out_w, ptr_or_null<float>(l.out_scale), ptr_or_null<float>(l.out_b), hidden.data(), part, parts);
+#pragma omp barrier
+        }
+        if (part == 0)  // the final norm reads the sum unrounded
+            add_rms_norm_range(hidden.data(), residual.data(), norm_f.data_ptr<T>(), normed.data(), residual.data(), h, eps, false, 0, batch);
+#pragma omp barrier
+        project(normed.data(), xf.data(), batch, h, head_w, ptr_or_null<float>(head_scale), nullptr, head.data(), part, parts);
+        const auto [v_begin, v_end] = share(vocab, part, parts);  // logits: float32 of the T-rounded products
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t v = v_begin; v < v_end; v++) logits.data_ptr<float>()[b * vocab + v] = static_cast<float>(head[b * vocab + v]);
+    }
+}
+
+}  // namespace
+
+// tokens (b,) int64 -> logits (b, vocab) float32, every layer's conv_states[i] (b, d, k) and
+// ssm_states[i] (b, d, n) advanced in place. `layers`: 14 entries per layer (see Layer); embed
+// (vocab, h) in the model dtype, or int8 with embed_scale (vocab,); head_w likewise with head_scale.
+torch::Tensor model_step(torch::Tensor tokens, torch::Tensor embed, c10::optional<torch::Tensor> embed_scale,
+                         std::vector<c10::optional<torch::Tensor>> layer_tensors, torch::Tensor conv_states, torch::Tensor ssm_states,
+                         torch::Tensor norm_f, double eps, bool residual_fp32, torch::Tensor head_w, c10::optional<torch::Tensor> head_scale) {
+    constexpr size_t kPerLayer = 14;
+    const auto dtype = norm_f.scalar_type();
+    TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "model_step runs float32 and bfloat16 models");
+    TORCH_CHECK(layer_tensors.size() == kPerLayer * static_cast<size_t>(conv_states.size(0)), "model_step: ", kPerLayer, " tensors per layer");
+    TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == torch::kLong, "model_step: tokens (b,) int64");
+    tokens = tokens.contiguous();
+    TORCH_CHECK(conv_states.is_contiguous() && conv_states.scalar_type() == dtype && ssm_states.is_contiguous() && ssm_states.scalar_type() == torch::kFloat,
+                "model_step: contiguous states, conv in the model dtype, SSM float32");
+    TORCH_CHECK(embed.is_contiguous() && head_w.is_contiguous() && embed_scale.has_value() == (embed.scalar_type() == torch::kChar) &&
+                    head_scale.has_value() == (head_w.scalar_type() == torch::kChar),
+                "model_step: contiguous embedding and head, int8 ones with their scales");
+    std::vector<Layer> layers;
+    for (size_t i = 0; i < layer_tensors.size(); i += kPerLayer) layers.push_back(unpack(layer_tensors, i, dtype));
+    auto logits = torch::empty({tokens.size(0), head_w.size(0)}, tokens.options().dtype(torch::kFloat));
+    auto run = [&](auto tzero, auto rzero) {
+        run_token<decltype(tzero), decltype(rzero)>(tokens, embed, embed_scale, layers, conv_states, ssm_states, norm_f, static_cast<float>(eps), head_w,
+                                                    head_scale, logits);
+    };
+    if (dtype == torch::kFloat) run(0.0f, 0.0f);
+    else if (residual_fp32) run(c10::BFloat16(0), 0.0f);
+    else run(c10::BFloat16(0), c10::BFloat16(0));
+    return logits;
+}
