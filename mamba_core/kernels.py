@@ -162,7 +162,7 @@ class CpuKernelOps(_KernelOps):
 
     def _fuses_mixer(self, w, rows: int, dtype) -> bool:
         """Can `rows` decoded tokens of dtype take the one-call mixer with these StepWeights?"""
-        return rows <= self.gemv_rows and w.dt_w.dtype == dtype and all(self._gemv_takes(dtype, m) for m in (w.in_w, w.x_w, w.out_w))
+        return rows <= self.gemv_rows and dtype in (torch.float32, torch.bfloat16) and w.dt_w.dtype == dtype and all(self._gemv_takes(dtype, m) for m in (w.in_w, w.x_w, w.out_w))
 
     def mixer_step(self, w, hidden, conv_state, ssm_state):
         if not self._fuses_mixer(w, hidden.shape[0], hidden.dtype):

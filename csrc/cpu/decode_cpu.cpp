@@ -1,7 +1,6 @@
-// A decoded token in a few calls per layer instead of dozens of torch ops: the residual add +
-// RMSNorm, and the whole mixer (in_proj, conv step, x_proj, dt_proj + softplus + the scan step,
-// out_proj). At one token, each torch op or Python call costs more in dispatch than in arithmetic
-// (a 130M model decodes 24 layers x ~20 of them: ~2.3 ms of a 14-20 ms token on a 2-core host).
+// The non-matmul ops of a decoded token as single calls: the residual add + RMSNorm, and the decode
+// step (dt_proj + softplus + the scan step). model_cpu.cpp runs them, with the projections, as
+// whole mixers and whole tokens.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -80,25 +79,3 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     });
     return y;
 }
-
-torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale);
-torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor conv_state);
-
-// One decoded token through a mixer: hidden (b, 1, h) -> (b, 1, h), conv_state (b, d, k) and
-// ssm_state (b, d, n) updated in place; the weights in the order of ops.reference.StepWeights
-// (projections as in `linear_rows`, int8 ones with scales; conv_w (d, k)). The same ops, in the
-// same order, as TorchOps.mixer_step.
-torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::Tensor ssm_state, torch::Tensor in_w,
-                         c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale, torch::Tensor conv_w,
-                         c10::optional<torch::Tensor> conv_b, torch::Tensor x_w, torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b,
-                         torch::Tensor A, c10::optional<torch::Tensor> D, torch::Tensor out_w, c10::optional<torch::Tensor> out_b,
-                         c10::optional<torch::Tensor> out_scale) {
-    const int64_t d = conv_w.size(0), rank = dt_w.size(1), n = A.size(1);
-    auto xz = linear_rows(hidden, in_w, in_b, in_scale);  // (b, 1, 2d): x then the gate z
-    auto x = causal_conv1d(xz.narrow(2, 0, d), conv_w, conv_b, conv_state);  // (b, 1, d)
-    auto low = linear_rows(x, x_w, c10::nullopt, c10::nullopt);  // (b, 1, r + 2n): dt_low, B, C
-    auto y = decode_step(x, low.narrow(2, 0, rank), dt_w, A, low.narrow(2, rank, n), low.narrow(2, rank + n, n), D, xz.narrow(2, d, d), dt_b,
-                         ssm_state);  // (b, 1, d)
-    return linear_rows(y, out_w, out_b, out_scale);
-}
-

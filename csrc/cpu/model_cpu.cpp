@@ -1,11 +1,11 @@
-// One decoded token through the whole model in one call and one parallel region: tokens (b,) ->
-// logits (b, vocab). At one token a 130M model is ~150 small steps (24 layers x norm, in_proj, conv,
-// x_proj, decode step, out_proj); run as separate kernels each pays a fork/join of the thread pool
-// and a few torch allocations and conversions, which on a 2-core host took ~2 ms of a 9-14 ms token.
-// Here the threads enter one OpenMP region, split each step's rows or channels between them, and
-// meet at a barrier between steps; buffers are allocated once per call. The arithmetic is that of
-// the single-op kernels (the same building blocks, blocks.h), so the logits are bit-identical to
-// the model's forward with this backend.
+// Decoded tokens in one parallel region: `model_step` runs a whole token (tokens (b,) -> logits),
+// `mixer_step` one layer's mixer (the model's forward at one token). At one token a 130M model is
+// ~150 small steps (24 layers x norm, in_proj, conv, x_proj, decode step, out_proj); as separate
+// kernels each paid a fork/join of the thread pool and a few torch allocations and conversions,
+// ~2 ms of a 9-14 ms token on a 2-core host. Here the threads enter one OpenMP region, split each
+// step's rows or channels between them, and meet at a barrier between steps. The arithmetic is
+// that of the single-op kernels (the same building blocks, blocks.h), so `model_step`'s logits are
+// bit-identical to the forward's.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #ifdef _OPENMP
@@ -49,17 +49,63 @@ struct Layer {
     c10::optional<torch::Tensor> in_b, in_scale, conv_b, dt_b, D, out_b, out_scale;
 };
 
-Layer unpack(const std::vector<c10::optional<torch::Tensor>>& t, size_t i, at::ScalarType dtype) {
-    Layer l{*t[i], *t[i + 1], *t[i + 4], *t[i + 6], *t[i + 7], *t[i + 9], *t[i + 11], t[i + 2], t[i + 3], t[i + 5], t[i + 8], t[i + 10], t[i + 12], t[i + 13]};
-    for (const auto* m : {&l.norm, &l.conv_w, &l.x_w, &l.dt_w})
-        TORCH_CHECK(m->scalar_type() == dtype && m->is_contiguous(), "model_step: norm, conv, x_proj and dt_proj weights must be contiguous, in the model dtype");
+void check(const Layer& l, at::ScalarType dtype) {
+    for (const auto* m : {&l.conv_w, &l.x_w, &l.dt_w})
+        TORCH_CHECK(m->scalar_type() == dtype && m->is_contiguous(), "conv, x_proj and dt_proj weights must be contiguous, in the model dtype");
     for (const auto* m : {&l.in_w, &l.out_w})
-        TORCH_CHECK((m->scalar_type() == dtype || m->scalar_type() == torch::kChar) && m->is_contiguous(), "model_step: projections in the model dtype or int8");
-    TORCH_CHECK(l.A.scalar_type() == torch::kFloat && l.A.is_contiguous(), "model_step: A must be contiguous float32");
-    TORCH_CHECK(!l.conv_b.has_value() || l.conv_b->scalar_type() == dtype, "model_step: the conv bias must be in the model dtype");
+        TORCH_CHECK((m->scalar_type() == dtype || m->scalar_type() == torch::kChar) && m->is_contiguous(), "projections in the model dtype or int8");
+    TORCH_CHECK(l.A.scalar_type() == torch::kFloat && l.A.is_contiguous(), "A must be contiguous float32");
+    TORCH_CHECK(!l.conv_b.has_value() || l.conv_b->scalar_type() == dtype, "the conv bias must be in the model dtype");
     for (const auto* m : {&l.in_b, &l.in_scale, &l.dt_b, &l.D, &l.out_b, &l.out_scale})
-        TORCH_CHECK(!m->has_value() || ((*m)->scalar_type() == torch::kFloat && (*m)->is_contiguous()), "model_step: biases, scales and D as float32");
-    return l;
+        TORCH_CHECK(!m->has_value() || ((*m)->scalar_type() == torch::kFloat && (*m)->is_contiguous()), "biases, scales and D as float32");
+}
+
+// One token's activations between the steps of a mixer, rows per sequence.
+template <typename T>
+struct Scratch {
+    int64_t h, d, rank, n, kernel;
+    std::vector<T> xz, x, low, y;  // (b, 2d): x then the gate z; conv output (b, d); x_proj (b, rank + 2n): dt_low, B, C; scan output (b, d)
+    Scratch(const Layer& l, int64_t batch)
+        : h(l.in_w.size(1)), d(l.conv_w.size(0)), rank(l.dt_w.size(1)), n(l.A.size(1)), kernel(l.conv_w.size(1)),
+          xz(batch * 2 * d), x(batch * d), low(batch * (rank + 2 * n)), y(batch * d) {
+        TORCH_CHECK(rank <= 256, "the decode step supports a dt rank up to 256");
+    }
+};
+
+// One decoded token through a mixer, run by every thread of a parallel region (barriers inside):
+// in (b, h) -> out (b, h); conv_state (b, d, k) and ssm_state (b, d, n) advanced. xf: this
+// thread's float32 copy of an int8 projection's input (b * max(h, d)).
+template <typename T>
+void mixer_phases(const Layer& l, const T* in, T* out, Scratch<T>& s, float* xf, T* conv_state, float* ssm_state, int64_t batch, int part, int parts) {
+    const int64_t d = s.d, n = s.n, rank = s.rank, low_width = rank + 2 * n, tiles = (d + kLanes - 1) / kLanes;
+    project(in, xf, batch, s.h, l.in_w, ptr_or_null<float>(l.in_scale), ptr_or_null<float>(l.in_b), s.xz.data(), part, parts);
+#pragma omp barrier
+    const auto [c_begin, c_end] = share(batch * d, part, parts);
+    conv_step_range(s.xz.data(), 2 * d, l.conv_w.data_ptr<T>(), ptr_or_null<T>(l.conv_b), conv_state, s.x.data(), d, s.kernel, c_begin, c_end);
+#pragma omp barrier
+    project(s.x.data(), xf, batch, d, l.x_w, nullptr, nullptr, s.low.data(), part, parts);
+#pragma omp barrier
+    float lowf[256];
+    const auto [t_begin, t_end] = share(batch * tiles, part, parts);
+    for (int64_t t = t_begin; t < t_end; t++) {  // the decode step, by tiles of 16 channels
+        const int64_t b = t / tiles, c0 = (t % tiles) * kLanes;
+        const T* lb = s.low.data() + b * low_width;  // dt_low (rank), B (n), C (n)
+        for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(lb[j]);
+        decode_tile<T>(c0, std::min(kLanes, d - c0), rank, n, lowf, l.dt_w.data_ptr<T>(), ptr_or_null<float>(l.dt_b), s.x.data() + b * d,
+                       s.xz.data() + b * 2 * d + d, lb + rank, lb + rank + n, l.A.data_ptr<float>(), ptr_or_null<float>(l.D), ssm_state + b * d * n,
+                       s.y.data() + b * d);
+    }
+#pragma omp barrier
+    project(s.y.data(), xf, batch, d, l.out_w, ptr_or_null<float>(l.out_scale), ptr_or_null<float>(l.out_b), out, part, parts);
+}
+
+// This thread's number in the enclosing parallel region (0 without OpenMP).
+inline int thread_part() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 // T: the model dtype, R: the residual stream's (float32 when residual_fp32, else T).
@@ -68,10 +114,9 @@ void run_token(const torch::Tensor& tokens, const torch::Tensor& embed, const c1
                const torch::Tensor& conv_states, const torch::Tensor& ssm_states, const torch::Tensor& norm_f, float eps, const torch::Tensor& head_w,
                const c10::optional<torch::Tensor>& head_scale, torch::Tensor& logits) {
     const int64_t batch = tokens.size(0), h = embed.size(1), vocab = head_w.size(0);
-    const int64_t d = layers[0].conv_w.size(0), kernel = layers[0].conv_w.size(1), rank = layers[0].dt_w.size(1), n = layers[0].A.size(1);
-    const int64_t low_width = rank + 2 * n, tiles = (d + kLanes - 1) / kLanes;
-    TORCH_CHECK(rank <= 256, "model_step supports a dt rank up to 256");
-    std::vector<T> hidden(batch * h), normed(batch * h), xz(batch * 2 * d), x(batch * d), low(batch * low_width), y(batch * d), head(batch * vocab);
+    Scratch<T> scratch(layers[0], batch);
+    const int64_t d = scratch.d;
+    std::vector<T> hidden(batch * h), normed(batch * h), head(batch * vocab);
     std::vector<R> residual(batch * h);
     const int64_t* ids = tokens.data_ptr<int64_t>();
     for (int64_t b = 0; b < batch; b++) {  // the embedding rows (int8 tables: q * scale in float32, then T)
@@ -85,36 +130,15 @@ void run_token(const torch::Tensor& tokens, const torch::Tensor& embed, const c1
     const int parts = at::get_num_threads();
 #pragma omp parallel num_threads(parts)
     {
-#ifdef _OPENMP
-        const int part = omp_get_thread_num();
-#else
-        const int part = 0;
-#endif
-        std::vector<float> xf(batch * std::max(h, d));  // float32 inputs of int8 projections
-        float lowf[256];
+        const int part = thread_part();
+        std::vector<float> xf(batch * std::max(h, d));
         for (size_t i = 0; i < layers.size(); i++) {
             const Layer& l = layers[i];
             if (part == 0)  // s = residual + hidden (in place: each element is read before it is written)
                 add_rms_norm_range(hidden.data(), i == 0 ? nullptr : residual.data(), l.norm.data_ptr<T>(), normed.data(), residual.data(), h, eps, true, 0, batch);
 #pragma omp barrier
-            project(normed.data(), xf.data(), batch, h, l.in_w, ptr_or_null<float>(l.in_scale), ptr_or_null<float>(l.in_b), xz.data(), part, parts);
-#pragma omp barrier
-            const auto [c_begin, c_end] = share(batch * d, part, parts);
-            conv_step_range(xz.data(), 2 * d, l.conv_w.data_ptr<T>(), ptr_or_null<T>(l.conv_b), conv_all + i * batch * d * kernel, x.data(), d, kernel, c_begin, c_end);
-#pragma omp barrier
-            project(x.data(), xf.data(), batch, d, l.x_w, nullptr, nullptr, low.data(), part, parts);
-#pragma omp barrier
-            const auto [t_begin, t_end] = share(batch * tiles, part, parts);
-            for (int64_t t = t_begin; t < t_end; t++) {  // the decode step, by tiles of 16 channels
-                const int64_t b = t / tiles, c0 = (t % tiles) * kLanes;
-                const T* lb = low.data() + b * low_width;  // dt_low (rank), B (n), C (n)
-                for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(lb[j]);
-                decode_tile<T>(c0, std::min(kLanes, d - c0), rank, n, lowf, l.dt_w.data_ptr<T>(), ptr_or_null<float>(l.dt_b), x.data() + b * d,
-                               xz.data() + b * 2 * d + d, lb + rank, lb + rank + n, l.A.data_ptr<float>(), ptr_or_null<float>(l.D),
-                               ssm_all + (i * batch + b) * d * n, y.data() + b * d);
-            }
-#pragma omp barrier
-            project(y.data(), xf.data(), batch, d, l.out_w, ptr_or_null<float>(l.out_scale), ptr_or_null<float>(l.out_b), hidden.data(), part, parts);
+            mixer_phases(l, normed.data(), hidden.data(), scratch, xf.data(), conv_all + i * batch * d * scratch.kernel, ssm_all + i * batch * d * scratch.n, batch,
+                         part, parts);
 #pragma omp barrier
         }
         if (part == 0)  // the final norm reads the sum unrounded
@@ -147,7 +171,12 @@ torch::Tensor model_step(torch::Tensor tokens, torch::Tensor embed, c10::optiona
                     head_scale.has_value() == (head_w.scalar_type() == torch::kChar),
                 "model_step: contiguous embedding and head, int8 ones with their scales");
     std::vector<Layer> layers;
-    for (size_t i = 0; i < layer_tensors.size(); i += kPerLayer) layers.push_back(unpack(layer_tensors, i, dtype));
+    for (size_t i = 0; i < layer_tensors.size(); i += kPerLayer) {
+        const auto& t = layer_tensors;
+        layers.push_back({*t[i], *t[i + 1], *t[i + 4], *t[i + 6], *t[i + 7], *t[i + 9], *t[i + 11], t[i + 2], t[i + 3], t[i + 5], t[i + 8], t[i + 10], t[i + 12], t[i + 13]});
+        check(layers.back(), dtype);
+        TORCH_CHECK(layers.back().norm.scalar_type() == dtype && layers.back().norm.is_contiguous(), "model_step: norm weights in the model dtype");
+    }
     auto logits = torch::empty({tokens.size(0), head_w.size(0)}, tokens.options().dtype(torch::kFloat));
     auto run = [&](auto tzero, auto rzero) {
         run_token<decltype(tzero), decltype(rzero)>(tokens, embed, embed_scale, layers, conv_states, ssm_states, norm_f, static_cast<float>(eps), head_w,
@@ -157,4 +186,38 @@ torch::Tensor model_step(torch::Tensor tokens, torch::Tensor embed, c10::optiona
     else if (residual_fp32) run(c10::BFloat16(0), 0.0f);
     else run(c10::BFloat16(0), c10::BFloat16(0));
     return logits;
+}
+
+// One decoded token through a mixer: hidden (b, 1, h) -> (b, 1, h), conv_state (b, d, k) and
+// ssm_state (b, d, n) advanced in place; the weights in the order of ops.reference.StepWeights
+// (biases in the model dtype, D float32, int8 projections with their scales).
+torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::Tensor ssm_state, torch::Tensor in_w,
+                         c10::optional<torch::Tensor> in_b, c10::optional<torch::Tensor> in_scale, torch::Tensor conv_w,
+                         c10::optional<torch::Tensor> conv_b, torch::Tensor x_w, torch::Tensor dt_w, c10::optional<torch::Tensor> dt_b,
+                         torch::Tensor A, c10::optional<torch::Tensor> D, torch::Tensor out_w, c10::optional<torch::Tensor> out_b,
+                         c10::optional<torch::Tensor> out_scale) {
+    const auto dtype = hidden.scalar_type();
+    TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "mixer_step runs float32 and bfloat16 models");
+    TORCH_CHECK(conv_state.is_contiguous() && conv_state.scalar_type() == dtype && ssm_state.is_contiguous() && ssm_state.scalar_type() == torch::kFloat,
+                "mixer_step: contiguous states, conv in the model dtype, SSM float32");
+    auto f32 = [](const c10::optional<torch::Tensor>& t) -> c10::optional<torch::Tensor> {
+        return t.has_value() ? c10::optional<torch::Tensor>(t->to(torch::kFloat).contiguous()) : c10::nullopt;
+    };
+    const Layer l{torch::Tensor(), in_w, conv_w, x_w, dt_w, A, out_w, f32(in_b), in_scale, conv_b, f32(dt_b), f32(D), f32(out_b), out_scale};
+    check(l, dtype);
+    auto x = hidden.contiguous();
+    auto out = torch::empty_like(x);
+    const int64_t batch = x.size(0);
+    auto run = [&](auto tzero) {
+        using T = decltype(tzero);
+        Scratch<T> scratch(l, batch);
+        const int parts = at::get_num_threads();
+#pragma omp parallel num_threads(parts)
+        {
+            std::vector<float> xf(batch * std::max(scratch.h, scratch.d));
+            mixer_phases(l, x.data_ptr<T>(), out.data_ptr<T>(), scratch, xf.data(), conv_state.data_ptr<T>(), ssm_state.data_ptr<float>(), batch, thread_part(), parts);
+        }
+    };
+    if (dtype == torch::kFloat) run(0.0f); else run(c10::BFloat16(0));
+    return out;
 }
