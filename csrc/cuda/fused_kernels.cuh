@@ -1,14 +1,35 @@
 // Fused kernels that cut the number of launches per layer, mostly for decoding (no torch here).
 //
 // A decoded token used to cost ~18 kernels per layer (RMSNorm alone was 7 torch ops); with these,
-// a layer is: add + RMSNorm (1), in_proj (1), conv step (1), x_proj (1), dt_proj + scan step (1),
-// out_proj (1).
+// a layer is: add + RMSNorm (1), in_proj + conv step (1), x_proj (1), dt_proj + scan step (1),
+// out_proj (1), each launched early (programmatic dependent launch) on sm_90+.
 #pragma once
 #include "mamba_kernels.cuh"
 
 namespace mamba {
 
 constexpr int kNormThreads = 256;
+
+// Programmatic dependent launch (sm_90+): a decode kernel launched with it (see launch_early in
+// mamba_cuda.cu) may start while the previous kernel in the stream still runs. It first lets the
+// next kernel start early too, may prefetch its weights (constant data only), and must wait for
+// the previous grid to finish before touching any activation or state. Without the launch
+// attribute, or before sm_90, both are no-ops.
+__device__ __forceinline__ void start_next_early() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Prefetches bytes [0, n) at p into L2, the lanes of a warp taking 128-byte lines in turn.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t n) {
+    for (int64_t off = (threadIdx.x % 32) * 128; off < n; off += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
+}
 
 // Sum over the block, returned to every thread.
 __device__ __forceinline__ float block_sum(float v) {
@@ -28,6 +49,8 @@ __device__ __forceinline__ float block_sum(float v) {
 template <typename T, typename R>
 __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(const T* x, const R* residual, const T* weight, T* out, R* res_out,
                                                                     int h, float eps, bool cast_input) {
+    start_next_early();
+    wait_for_previous();
     const int64_t row = blockIdx.x;
     x += row * h;
     out += row * h;
@@ -66,6 +89,8 @@ __device__ __forceinline__ float conv_step(T* st, float input, const ConvArgs& a
 // One decode step of the causal conv for a batch: a thread per (batch, channel).
 template <typename T, int K>
 __global__ void conv_step_kernel(ConvArgs a) {
+    start_next_early();
+    wait_for_previous();
     const int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= a.dim) return;
     const T* x = static_cast<const T*>(a.x) + b * a.x_sb;
@@ -95,24 +120,30 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const int c_wanted = blockIdx.y * kPerBlock + threadIdx.x / L;
     const bool active = c_wanted < a.dim;
     const int c = min(c_wanted, a.dim - 1);  // idle groups compute a duplicate and write nothing (shuffles need every lane)
-    // Every independent load first, so their latencies overlap with each other and with dt's math.
-    float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
+    start_next_early();
+    // The weights (A, dt bias, D) while the previous kernel may still run; then every other
+    // independent load, so their latencies overlap with each other and with dt's math.
     const float* Ac = a.A + (int64_t)c * N + lane * S;
+    float Av[S];
+#pragma unroll
+    for (int i = 0; i < S; i++) Av[i] = Ac[i] * kLog2e;  // A * log2(e), as in the scan kernel
+    const float bias = a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f;
+    const float Dc = a.D ? a.D[c] : 0.0f;
+    const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
+    wait_for_previous();
+    float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
     const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
     const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb + lane * S;
-    float h[S], Av[S], Bv[S], Cv[S];
+    float h[S], Bv[S], Cv[S];
 #pragma unroll
     for (int i = 0; i < S; i++) {
         h[i] = st[i];
-        Av[i] = Ac[i] * kLog2e;  // A * log2(e), as in the scan kernel
         Bv[i] = to_f(Bp[i]);
         Cv[i] = to_f(Cp[i]);
     }
     const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
     const float zv = a.z ? to_f(static_cast<const T*>(a.z)[b * a.z_sb + c]) : 0.0f;
-    const float bias = a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f;
     const T* dl = static_cast<const T*>(a.dt_low) + b * a.dl_sb;
-    const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
     float acc = 0.0f;
 #pragma unroll 8
     for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // unrolled: 8 loads in flight, not 1
@@ -134,7 +165,7 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     for (int off = L / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, L);
     if (active && lane == 0) {
         const float gate = a.z ? silu(zv) : 1.0f;
-        static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>((p + (a.D ? a.D[c] : 0.0f) * u) * gate);
+        static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>((p + Dc * u) * gate);
     }
 }
 
@@ -164,6 +195,9 @@ __device__ __forceinline__ float warp_dot(const T* x, const T* w, int k) {
 template <typename T>
 __global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const T* bias, T* y, int n, int k) {
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    start_next_early();
+    if (row < n) prefetch_l2(w + (int64_t)row * k, (int64_t)k * sizeof(T));  // the row, while the previous kernel runs
+    wait_for_previous();
     if (row >= n) return;  // whole warps only
     const float acc = warp_dot(x, w + (int64_t)row * k, k);
     if (threadIdx.x % 32 == 0) y[row] = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
@@ -176,6 +210,9 @@ __global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const
 template <typename T, int K>
 __global__ void __launch_bounds__(256) in_proj_conv_kernel(const T* hidden, const T* w, const T* bias, ConvArgs conv, T* z, int k) {
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    start_next_early();
+    if (row < 2 * conv.dim) prefetch_l2(w + (int64_t)row * k, (int64_t)k * sizeof(T));
+    wait_for_previous();
     if (row >= 2 * conv.dim) return;
     const float acc = warp_dot(hidden, w + (int64_t)row * k, k);
     if (threadIdx.x % 32 != 0) return;
