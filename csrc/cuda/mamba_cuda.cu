@@ -51,13 +51,17 @@ void launch_scan(int per_thread, dim3 grid, cudaStream_t stream, const ScanArgs&
 // blocks may be scheduled while the previous kernel runs, and wait inside (wait_for_previous in
 // fused_kernels.cuh), so a decoded token's ~120 small kernels overlap their launch and weight
 // loads with their predecessors. Captured into CUDA graphs as programmatic edges.
+constexpr int64_t kEarlyRows = 256;  // add + norm launches early for at most this many rows (decoding)
+
+// `early` false: an ordinary launch (prompt-sized grids, whose blocks would only hold SM slots
+// while waiting).
 template <typename... Params, typename... Args>
-void launch_early(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+void launch_early(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool early, Args... args) {
     static const bool supported = at::cuda::getCurrentDeviceProperties()->major >= 9;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{grid, block, 0, stream, attribute, supported ? 1u : 0u};
+    cudaLaunchConfig_t config{grid, block, 0, stream, attribute, supported && early ? 1u : 0u};
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
@@ -120,9 +124,9 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
         using T = decltype(zero);
         if (length == 1) {  // decoding: output and state update in one kernel
             switch (kernel) {
-                case 2: launch_early(conv_step_kernel<T, 2>, grid_state, threads, stream, a); break;
-                case 3: launch_early(conv_step_kernel<T, 3>, grid_state, threads, stream, a); break;
-                default: launch_early(conv_step_kernel<T, 4>, grid_state, threads, stream, a); break;
+                case 2: launch_early(conv_step_kernel<T, 2>, grid_state, threads, stream, true, a); break;
+                case 3: launch_early(conv_step_kernel<T, 3>, grid_state, threads, stream, true, a); break;
+                default: launch_early(conv_step_kernel<T, 4>, grid_state, threads, stream, true, a); break;
             }
             return;
         }
@@ -148,7 +152,7 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Te
         using T = decltype(zero);
         auto launch = [&](auto rzero) {
             using R = decltype(rzero);
-            launch_early(add_rms_norm_kernel<T, R>, t.rows, kNormThreads, stream,
+            launch_early(add_rms_norm_kernel<T, R>, t.rows, kNormThreads, stream, t.rows <= kEarlyRows,
                 static_cast<const T*>(t.x.data_ptr()), t.residual.defined() ? static_cast<const R*>(t.residual.data_ptr()) : nullptr,
                 static_cast<const T*>(t.weight.data_ptr()), static_cast<T*>(t.out.data_ptr()), static_cast<R*>(t.res_out.data_ptr()),
                 static_cast<int>(t.h), static_cast<float>(eps), cast_input);
@@ -190,7 +194,7 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
         // measured 2.4x slower at batch 64: its state reads are no longer coalesced.
         auto launch = [&](auto n) {
             constexpr int N = decltype(n)::value, L = N < 4 ? N : 4;
-            launch_early(decode_step_kernel<T, N, L>, dim3(batch, (dim + 128 / L - 1) / (128 / L)), 128, stream, a);
+            launch_early(decode_step_kernel<T, N, L>, dim3(batch, (dim + 128 / L - 1) / (128 / L)), 128, stream, true, a);
         };
         switch (nstate) {
             case 1: launch(std::integral_constant<int, 1>()); break;
@@ -227,7 +231,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(x.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        launch_early(gemv_kernel<T>, (n * 32 + 255) / 256, 256, stream, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
+        launch_early(gemv_kernel<T>, (n * 32 + 255) / 256, 256, stream, true, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
                      bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()), static_cast<int>(n),
                      static_cast<int>(k));
     });
@@ -261,9 +265,9 @@ std::vector<torch::Tensor> in_proj_conv_step(torch::Tensor hidden, torch::Tensor
         T* zp = static_cast<T*>(z.data_ptr());
         const int k = static_cast<int>(weight.size(1));
         switch (kernel) {
-            case 2: launch_early(in_proj_conv_kernel<T, 2>, blocks, 256, stream, hp, wp, bp, conv, zp, k); break;
-            case 3: launch_early(in_proj_conv_kernel<T, 3>, blocks, 256, stream, hp, wp, bp, conv, zp, k); break;
-            default: launch_early(in_proj_conv_kernel<T, 4>, blocks, 256, stream, hp, wp, bp, conv, zp, k); break;
+            case 2: launch_early(in_proj_conv_kernel<T, 2>, blocks, 256, stream, true, hp, wp, bp, conv, zp, k); break;
+            case 3: launch_early(in_proj_conv_kernel<T, 3>, blocks, 256, stream, true, hp, wp, bp, conv, zp, k); break;
+            default: launch_early(in_proj_conv_kernel<T, 4>, blocks, 256, stream, true, hp, wp, bp, conv, zp, k); break;
         }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
