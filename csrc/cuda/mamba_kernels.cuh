@@ -224,8 +224,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
         __syncthreads();
         if (t0 + kChunk < a.length) load(t0 + kChunk);
         const int steps = min(kChunk, a.length - t0);
-        T* out = y + (int64_t)(t0 + part) * a.dim + c;  // this lane's output: step `part` of each group
-        for (int g = 0; g < steps; g += kSplit, out += kSplit * a.dim) {
+        for (int g = 0; g < steps; g += kSplit) {
             float acc[kSplit];
 #pragma unroll
             for (int s = 0; s < kSplit; s++) {
@@ -244,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
             }
             const float sum = reduce_scatter(acc, part);
             const int t = g + part;
-            if (active && t < steps) *out = from_f<T>((sum + sDu[t][local]) * sZ[t][local]);
+            if (active && t < steps) y[(int64_t)(t0 + t) * a.dim + c] = from_f<T>((sum + sDu[t][local]) * sZ[t][local]);
         }
     }
     if (active) {
