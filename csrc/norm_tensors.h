@@ -10,8 +10,9 @@ struct NormTensors {
 };
 
 // s = residual + x is float32 when residual_fp32, else x's dtype; the weight must have x's dtype.
+// with_out false: no `out` (a caller that keeps the normed row to itself).
 inline NormTensors norm_tensors(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual, const torch::Tensor& weight,
-                                bool residual_fp32) {
+                                bool residual_fp32, bool with_out = true) {
     TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "the norm weight must have x's dtype");
     const auto res_type = residual_fp32 ? torch::kFloat : x.scalar_type();
     NormTensors t;
@@ -23,7 +24,7 @@ inline NormTensors norm_tensors(const torch::Tensor& x, const c10::optional<torc
         TORCH_CHECK(residual->scalar_type() == res_type && residual->sizes() == x.sizes(), "residual must match x's shape, in the residual dtype");
         t.residual = residual->contiguous();
     }
-    t.out = torch::empty_like(t.x);
+    if (with_out) t.out = torch::empty_like(t.x);
     t.res_out = torch::empty(t.x.sizes(), t.x.options().dtype(res_type));
     return t;
 }

@@ -223,11 +223,13 @@ class CudaKernelOps(_KernelOps):
             return self.module.gemv(x, weight, bias)
         return super().linear(x, weight, bias, scale)
 
-    def in_proj_conv_step(self, hidden, weight, bias, scale, conv_weight, conv_bias, conv_state):
-        if self._one_row(hidden, weight, scale) and 2 <= conv_weight.shape[1] <= 4:
-            x, z = self.module.in_proj_conv_step(hidden, weight, bias, conv_weight, conv_bias, conv_state)
-            return x, z
-        return super().in_proj_conv_step(hidden, weight, bias, scale, conv_weight, conv_bias, conv_state)
+    def block_step(self, x, residual, norm_w, eps, residual_fp32, w, conv_state, ssm_state):
+        res_dtype = torch.float32 if residual_fp32 else x.dtype
+        if not (self._one_row(x, w.in_w, w.in_scale) and norm_w.dtype == x.dtype and 2 <= w.conv_w.shape[1] <= 4
+                and (residual is None or residual.dtype == res_dtype)):
+            return super().block_step(x, residual, norm_w, eps, residual_fp32, w, conv_state, ssm_state)
+        xc, z, residual = self.module.norm_in_proj_conv_step(x, residual, norm_w, eps, residual_fp32, w.in_w, w.in_b, w.conv_w, w.conv_b, conv_state)
+        return self.mixer_tail(w, xc, z, ssm_state), residual
 
     def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state):
         if A.shape[1] not in (1, 2, 4, 8, 16, 32):  # the fused kernel keeps a channel's states in one warp

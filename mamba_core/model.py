@@ -106,8 +106,6 @@ class MambaMixer(nn.Module):
         """hidden (b, l, h) -> (b, l, h); reads and updates this layer's states in `cache`."""
         conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
         ssm_state = cache.ssm_states[self.layer_idx] if cache is not None else None
-        if hidden.shape[1] == 1 and cache is not None:  # one decoded token: backends fuse the layer
-            return self.ops.mixer_step(self.step_weights(), hidden, conv_state, ssm_state)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d) each
         x = self.ops.causal_conv1d(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, conv_state)  # (d, k) taps
         dt, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
@@ -130,6 +128,10 @@ class MambaBlock(nn.Module):
         self.mixer = MambaMixer(config, layer_idx)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cache: MambaCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[1] == 1 and cache is not None:  # one decoded token: backends fuse the block
+            m = self.mixer
+            return m.ops.block_step(x, residual, self.norm.weight, self.norm.variance_epsilon, self.residual_in_fp32, m.step_weights(),
+                                    cache.conv_states[m.layer_idx], cache.ssm_states[m.layer_idx])
         normed, residual = self.norm(x, residual, self.residual_in_fp32)
         return self.mixer(normed, cache), residual
 

@@ -146,21 +146,28 @@ def test_gemv_matches_float64(kernels, dtype, rows, n, k, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel, bias", [(4, True), (3, False), (2, True)])
-def test_in_proj_conv_step_matches_torch(kernels, dtype, kernel, bias):
+@pytest.mark.parametrize("kernel, bias, residual", [(4, True, "fp32"), (3, False, None), (2, True, "model"), (4, False, "model")])
+def test_norm_in_proj_conv_step_matches_torch(kernels, dtype, kernel, bias, residual):
+    """The fused add + RMSNorm + in_proj + conv step of one token against the torch ops, for a first
+    block (no residual) and float32 or model-dtype residual streams."""
     g = torch.Generator(device="cuda").manual_seed(kernel)
     h, d = 768, 1536
-    hidden = torch.randn(1, 1, h, device="cuda", generator=g).to(dtype)
+    x = torch.randn(1, 1, h, device="cuda", generator=g).to(dtype)
+    res = None if residual is None else torch.randn(1, 1, h, device="cuda", generator=g).to(torch.float32 if residual == "fp32" else dtype)
+    norm_w = (1 + torch.randn(h, device="cuda", generator=g) / 4).to(dtype)
     weight = (torch.randn(2 * d, h, device="cuda", generator=g) / 30).to(dtype)
     b = torch.randn(2 * d, device="cuda", generator=g).to(dtype) if bias else None
     conv_w, conv_b = torch.randn(d, kernel, device="cuda", generator=g).to(dtype), torch.randn(d, device="cuda", generator=g).to(dtype)
     state = torch.randn(1, d, kernel, device="cuda", generator=g).to(dtype)
     want_state, got_state = state.clone(), state.clone()
-    want = TorchOps().in_proj_conv_step(hidden, weight, b, None, conv_w, conv_b, want_state)
-    got = kernels.in_proj_conv_step(hidden, weight, b, None, conv_w, conv_b, got_state)
+    fp32 = residual == "fp32"
+    normed, want_res = TorchOps().add_rms_norm(x, res, norm_w, 1e-5, fp32)
+    want = (*TorchOps().in_proj_conv_step(normed, weight, b, None, conv_w, conv_b, want_state), want_res)
+    got = kernels.module.norm_in_proj_conv_step(x, res, norm_w, 1e-5, fp32, weight, b, conv_w, conv_b, got_state)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for g_, w_ in zip(got, want):
-        assert g_.shape == w_.shape and rel_err(g_.float(), w_.double()) <= tol
+        assert g_.shape == w_.shape and g_.dtype == w_.dtype and rel_err(g_.float(), w_.double()) <= tol
+    assert torch.equal(got[2], want_res)  # the residual stream is exact
     assert rel_err(got_state.float(), want_state.double()) <= tol
 
 
@@ -171,6 +178,22 @@ def test_model_logits_and_greedy_match_cpu(tiny):
     assert rel_err(gpu(ids.cuda()).cpu(), tiny.model(ids)) <= 1e-5
     prompt = torch.tensor([[578, 1243, 376]])
     assert torch.equal(gpu.generate(prompt.cuda(), max_new_tokens=40).cpu(), tiny.model.generate(prompt, max_new_tokens=40))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decoded_tokens_at_batch_1_match_torch_path(dtype):
+    """One-row decoding (the fused norm + in_proj + conv kernel, GEMV, decode step) against the torch ops."""
+    ids = torch.randint(0, 2045, (1, 30), generator=torch.Generator().manual_seed(7)).cuda()
+    plain = load_model("tiny-wikitext", dtype=dtype, device="cuda", backend="torch").model
+    fast = load_model("tiny-wikitext", dtype=dtype, device="cuda", backend="cuda-kernels").model
+    caches = plain.make_cache(1), fast.make_cache(1)
+    plain(ids, caches[0]), fast(ids, caches[1])
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    for step in range(5):
+        token = ids[:, step : step + 1]
+        assert rel_err(fast(token, caches[1]), plain(token, caches[0])) <= tol
+    for a, b in zip([*caches[0].ssm_states, *caches[0].conv_states], [*caches[1].ssm_states, *caches[1].conv_states]):
+        assert rel_err(b.float(), a.float()) <= tol
 
 
 def test_graph_decode_equals_plain_decode():

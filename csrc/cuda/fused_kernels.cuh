@@ -1,7 +1,7 @@
 // Fused kernels that cut the number of launches per layer, mostly for decoding (no torch here).
 //
 // A decoded token used to cost ~18 kernels per layer (RMSNorm alone was 7 torch ops); with these,
-// a layer is: add + RMSNorm (1), in_proj + conv step (1), x_proj (1), dt_proj + scan step (1),
+// a layer is: add + RMSNorm + in_proj + conv step (1), x_proj (1), dt_proj + scan step (1),
 // out_proj (1), each launched early (programmatic dependent launch) on sm_90+.
 #pragma once
 #include "mamba_kernels.cuh"
@@ -43,31 +43,43 @@ __device__ __forceinline__ float block_sum(float v) {
     return total;
 }
 
-// One row per block: s = residual + x (in R: float32 for an fp32 residual stream, else T), stored;
-// out = weight * T(s' * rsqrt(mean(s'^2) + eps)) with s' = s rounded to T when cast_input (a block's
-// norm) or s itself (the final norm), every rounding where transformers' torch code has one.
+// s = residual + x at element i, in R (float32 for an fp32 residual stream, else T); x alone for
+// the first block (residual null).
+template <typename T, typename R>
+__device__ __forceinline__ R residual_sum(const T* x, const R* residual, int i) {
+    return residual != nullptr ? from_f<R>(to_f(residual[i]) + to_f(x[i])) : from_f<R>(to_f(x[i]));
+}
+
+// One row by one block of kNormThreads: out = weight * T(s' * rsqrt(mean(s'^2) + eps)) with s' = s
+// rounded to T when cast_input (a block's norm) or s itself (the final norm), every rounding where
+// transformers' torch code has one; s is stored to res_out unless it is null (the second pass
+// recomputes s rather than reading it back, so that blocks which do not store it can run this too).
+template <typename T, typename R>
+__device__ __forceinline__ void block_add_rms_norm(const T* x, const R* residual, const T* weight, T* out, R* res_out, int h, float eps,
+                                                   bool cast_input) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < h; i += kNormThreads) {
+        const R s = residual_sum(x, residual, i);
+        if (res_out != nullptr) res_out[i] = s;
+        const float v = cast_input ? to_f(from_f<T>(to_f(s))) : to_f(s);
+        ss += v * v;
+    }
+    const float scale = 1.0f / sqrtf(block_sum(ss) / h + eps);
+    for (int i = threadIdx.x; i < h; i += kNormThreads) {
+        const R s = residual_sum(x, residual, i);
+        const float v = cast_input ? to_f(from_f<T>(to_f(s))) : to_f(s);
+        out[i] = from_f<T>(to_f(weight[i]) * to_f(from_f<T>(v * scale)));
+    }
+}
+
+// The residual add + RMSNorm of many rows, one per block (prompts, and the final norm).
 template <typename T, typename R>
 __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(const T* x, const R* residual, const T* weight, T* out, R* res_out,
                                                                     int h, float eps, bool cast_input) {
     start_next_early();
     wait_for_previous();
     const int64_t row = blockIdx.x;
-    x += row * h;
-    out += row * h;
-    res_out += row * h;
-    if (residual != nullptr) residual += row * h;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < h; i += kNormThreads) {
-        const R s = residual != nullptr ? from_f<R>(to_f(residual[i]) + to_f(x[i])) : from_f<R>(to_f(x[i]));
-        res_out[i] = s;
-        const float v = cast_input ? to_f(from_f<T>(to_f(s))) : to_f(s);
-        ss += v * v;
-    }
-    const float scale = 1.0f / sqrtf(block_sum(ss) / h + eps);
-    for (int i = threadIdx.x; i < h; i += kNormThreads) {  // each thread reads back what it wrote
-        const float v = cast_input ? to_f(from_f<T>(to_f(res_out[i]))) : to_f(res_out[i]);
-        out[i] = from_f<T>(to_f(weight[i]) * to_f(from_f<T>(v * scale)));
-    }
+    block_add_rms_norm(x + row * h, residual != nullptr ? residual + row * h : nullptr, weight, out + row * h, res_out + row * h, h, eps, cast_input);
 }
 
 // One causal conv step of channel c: shift the new input into the state (the last K inputs,
@@ -203,18 +215,24 @@ __global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const
     if (threadIdx.x % 32 == 0) y[row] = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
 }
 
-// in_proj and the conv step of one decoded token in one kernel: rows [0, d) of w give x, whose
-// channel c goes straight through the causal conv step (channel-local: the warp that computed x_c
-// updates conv state c and writes silu(conv)); rows [d, 2d) give z. x_c is rounded to T before the
-// conv, as the unfused path stores it.
-template <typename T, int K>
-__global__ void __launch_bounds__(256) in_proj_conv_kernel(const T* hidden, const T* w, const T* bias, ConvArgs conv, T* z, int k) {
+// A decoded token's add + RMSNorm, in_proj and conv step in one kernel: every block first computes
+// the normed row itself into shared memory (k values; block 0 also stores the new residual s),
+// then rows [0, d) of w give x, whose channel c goes straight through the causal conv step (the
+// conv is channel-local: the warp that computed x_c updates conv state c and writes silu(conv));
+// rows [d, 2d) give z. x_c is rounded to T before the conv, as the unfused path stores it.
+template <typename T, typename R, int K>
+__global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T* x, const R* residual, const T* norm_w, R* res_out, float eps,
+                                                                         const T* w, const T* bias, ConvArgs conv, T* z, int k) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* normed = reinterpret_cast<T*>(smem);  // (k,)
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
     start_next_early();
     if (row < 2 * conv.dim) prefetch_l2(w + (int64_t)row * k, (int64_t)k * sizeof(T));
     wait_for_previous();
+    block_add_rms_norm(x, residual, norm_w, normed, blockIdx.x == 0 ? res_out : nullptr, k, eps, true);
+    __syncthreads();
     if (row >= 2 * conv.dim) return;
-    const float acc = warp_dot(hidden, w + (int64_t)row * k, k);
+    const float acc = warp_dot(normed, w + (int64_t)row * k, k);
     if (threadIdx.x % 32 != 0) return;
     const T v = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
     if (row >= conv.dim) {

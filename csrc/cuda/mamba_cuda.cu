@@ -56,12 +56,12 @@ constexpr int64_t kEarlyRows = 256;  // add + norm launches early for at most th
 // `early` false: an ordinary launch (prompt-sized grids, whose blocks would only hold SM slots
 // while waiting).
 template <typename... Params, typename... Args>
-void launch_early(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool early, Args... args) {
+void launch_early(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool early, Args... args) {
     static const bool supported = at::cuda::getCurrentDeviceProperties()->major >= 9;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{grid, block, 0, stream, attribute, supported && early ? 1u : 0u};
+    cudaLaunchConfig_t config{grid, block, smem, stream, attribute, supported && early ? 1u : 0u};
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
@@ -124,9 +124,9 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
         using T = decltype(zero);
         if (length == 1) {  // decoding: output and state update in one kernel
             switch (kernel) {
-                case 2: launch_early(conv_step_kernel<T, 2>, grid_state, threads, stream, true, a); break;
-                case 3: launch_early(conv_step_kernel<T, 3>, grid_state, threads, stream, true, a); break;
-                default: launch_early(conv_step_kernel<T, 4>, grid_state, threads, stream, true, a); break;
+                case 2: launch_early(conv_step_kernel<T, 2>, grid_state, threads, 0, stream, true, a); break;
+                case 3: launch_early(conv_step_kernel<T, 3>, grid_state, threads, 0, stream, true, a); break;
+                default: launch_early(conv_step_kernel<T, 4>, grid_state, threads, 0, stream, true, a); break;
             }
             return;
         }
@@ -152,7 +152,7 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Te
         using T = decltype(zero);
         auto launch = [&](auto rzero) {
             using R = decltype(rzero);
-            launch_early(add_rms_norm_kernel<T, R>, t.rows, kNormThreads, stream, t.rows <= kEarlyRows,
+            launch_early(add_rms_norm_kernel<T, R>, t.rows, kNormThreads, 0, stream, t.rows <= kEarlyRows,
                 static_cast<const T*>(t.x.data_ptr()), t.residual.defined() ? static_cast<const R*>(t.residual.data_ptr()) : nullptr,
                 static_cast<const T*>(t.weight.data_ptr()), static_cast<T*>(t.out.data_ptr()), static_cast<R*>(t.res_out.data_ptr()),
                 static_cast<int>(t.h), static_cast<float>(eps), cast_input);
@@ -194,7 +194,7 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
         // measured 2.4x slower at batch 64: its state reads are no longer coalesced.
         auto launch = [&](auto n) {
             constexpr int N = decltype(n)::value, L = N < 4 ? N : 4;
-            launch_early(decode_step_kernel<T, N, L>, dim3(batch, (dim + 128 / L - 1) / (128 / L)), 128, stream, true, a);
+            launch_early(decode_step_kernel<T, N, L>, dim3(batch, (dim + 128 / L - 1) / (128 / L)), 128, 0, stream, true, a);
         };
         switch (nstate) {
             case 1: launch(std::integral_constant<int, 1>()); break;
@@ -231,7 +231,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(x.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        launch_early(gemv_kernel<T>, (n * 32 + 255) / 256, 256, stream, true, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
+        launch_early(gemv_kernel<T>, (n * 32 + 255) / 256, 256, 0, stream, true, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
                      bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()), static_cast<int>(n),
                      static_cast<int>(k));
     });
@@ -239,44 +239,53 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
     return y;
 }
 
-// (silu(conv step of x), z) for one decoded token: x, z = (hidden (1, 1, h) @ weight (2d, h)^T + bias)
-// split in halves; conv_state (1, d, k) updated in place.
-std::vector<torch::Tensor> in_proj_conv_step(torch::Tensor hidden, torch::Tensor weight, c10::optional<torch::Tensor> bias,
-                                             torch::Tensor conv_weight, c10::optional<torch::Tensor> conv_bias, torch::Tensor conv_state) {
-    check_row(hidden, weight);
-    const int64_t dim = weight.size(0) / 2, kernel = conv_weight.size(1);
-    TORCH_CHECK(kernel >= 2 && kernel <= 4 && conv_state.is_contiguous() && conv_state.scalar_type() == hidden.scalar_type() &&
-                conv_state.numel() == dim * kernel, "in_proj_conv_step: kernel 2..4, conv_state (1, d, k) contiguous in the model dtype");
-    const c10::cuda::CUDAGuard guard(hidden.device());
-    auto x = torch::empty({1, 1, dim}, hidden.options());
-    auto z = torch::empty({1, 1, dim}, hidden.options());
-    auto w = conv_weight.to(hidden.scalar_type()).contiguous();
-    torch::Tensor cb = conv_bias.has_value() ? conv_bias->to(hidden.scalar_type()).contiguous() : torch::Tensor();
-    torch::Tensor bc = bias.has_value() ? bias->to(hidden.scalar_type()).contiguous() : torch::Tensor();
-    ConvArgs conv{nullptr, w.data_ptr(), conv_bias.has_value() ? cb.data_ptr() : nullptr, conv_state.data_ptr(), x.data_ptr(), 0, 0, 1,
+// One decoded token's add + RMSNorm, in_proj and conv step: s = residual + x (as add_rms_norm),
+// then x, z = (norm(s) @ weight (2d, h)^T + bias) split in halves; returns (silu(conv step of x), z,
+// s). x (1, 1, h); conv_state (1, d, k) updated in place.
+std::vector<torch::Tensor> norm_in_proj_conv_step(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor norm_weight, double eps,
+                                                  bool residual_fp32, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                                                  torch::Tensor conv_weight, c10::optional<torch::Tensor> conv_bias, torch::Tensor conv_state) {
+    check_row(x, weight);
+    const int64_t dim = weight.size(0) / 2, kernel = conv_weight.size(1), h = x.size(-1);
+    TORCH_CHECK(kernel >= 2 && kernel <= 4 && conv_state.is_contiguous() && conv_state.scalar_type() == x.scalar_type() &&
+                conv_state.numel() == dim * kernel, "norm_in_proj_conv_step: kernel 2..4, conv_state (1, d, k) contiguous in the model dtype");
+    const c10::cuda::CUDAGuard guard(x.device());
+    const NormTensors t = norm_tensors(x, residual, norm_weight, residual_fp32, /*with_out=*/false);
+    auto xc = torch::empty({1, 1, dim}, x.options());
+    auto z = torch::empty({1, 1, dim}, x.options());
+    auto w = conv_weight.to(x.scalar_type()).contiguous();
+    torch::Tensor cb = conv_bias.has_value() ? conv_bias->to(x.scalar_type()).contiguous() : torch::Tensor();
+    torch::Tensor bc = bias.has_value() ? bias->to(x.scalar_type()).contiguous() : torch::Tensor();
+    ConvArgs conv{nullptr, w.data_ptr(), conv_bias.has_value() ? cb.data_ptr() : nullptr, conv_state.data_ptr(), xc.data_ptr(), 0, 0, 1,
                   static_cast<int>(dim), static_cast<int>(kernel)};
     auto stream = at::cuda::getCurrentCUDAStream();
-    const int blocks = static_cast<int>((2 * dim * 32 + 255) / 256);
-    dispatch(hidden.scalar_type(), [&](auto zero) {
+    const int blocks = static_cast<int>((2 * dim * 32 + kNormThreads - 1) / kNormThreads);
+    dispatch(x.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        const T* hp = static_cast<const T*>(hidden.data_ptr());
-        const T* wp = static_cast<const T*>(weight.data_ptr());
-        const T* bp = bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr;
-        T* zp = static_cast<T*>(z.data_ptr());
-        const int k = static_cast<int>(weight.size(1));
-        switch (kernel) {
-            case 2: launch_early(in_proj_conv_kernel<T, 2>, blocks, 256, stream, true, hp, wp, bp, conv, zp, k); break;
-            case 3: launch_early(in_proj_conv_kernel<T, 3>, blocks, 256, stream, true, hp, wp, bp, conv, zp, k); break;
-            default: launch_early(in_proj_conv_kernel<T, 4>, blocks, 256, stream, true, hp, wp, bp, conv, zp, k); break;
-        }
+        const size_t smem = h * sizeof(T);  // the block's copy of the normed row
+        auto launch = [&](auto rzero, auto k) {
+            using R = decltype(rzero);
+            launch_early(norm_in_proj_conv_kernel<T, R, decltype(k)::value>, blocks, kNormThreads, smem, stream, true, static_cast<const T*>(t.x.data_ptr()),
+                         t.residual.defined() ? static_cast<const R*>(t.residual.data_ptr()) : nullptr, static_cast<const T*>(t.weight.data_ptr()),
+                         static_cast<R*>(t.res_out.data_ptr()), static_cast<float>(eps), static_cast<const T*>(weight.data_ptr()),
+                         bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr, conv, static_cast<T*>(z.data_ptr()), static_cast<int>(h));
+        };
+        auto by_kernel = [&](auto rzero) {
+            switch (kernel) {
+                case 2: launch(rzero, std::integral_constant<int, 2>()); break;
+                case 3: launch(rzero, std::integral_constant<int, 3>()); break;
+                default: launch(rzero, std::integral_constant<int, 4>()); break;
+            }
+        };
+        if (residual_fp32) by_kernel(0.0f); else by_kernel(zero);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {x, z};
+    return {xc, z, t.res_out};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gemv", &gemv, "x @ W^T for one row of x (CUDA)");
-    m.def("in_proj_conv_step", &in_proj_conv_step, "in_proj + conv step of one decoded token (CUDA)");
+    m.def("norm_in_proj_conv_step", &norm_in_proj_conv_step, "add + RMSNorm, in_proj and conv step of one decoded token (CUDA)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
     m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CUDA)");

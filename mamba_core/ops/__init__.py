@@ -11,6 +11,8 @@ subclass, so anything they do not fuse falls back to it):
   decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state) -> y   one token, dt_proj fused
   in_proj_conv_step(hidden, weight, bias, scale, conv_weight, conv_bias, conv_state) -> (x, z)   one token
   mixer_step(weights, hidden, conv_state, ssm_state) -> out  one token through a mixer (`reference.StepWeights`)
+  mixer_tail(weights, x, z, ssm_state) -> out               one token's mixer after its conv step
+  block_step(x, residual, norm_w, eps, residual_fp32, weights, conv_state, ssm_state) -> (out, residual)   norm + mixer
   add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input) -> (normed, residual)
   linear(x, weight, bias, scale) -> y                     projections; int8 weights with scales
 Compiled backends (csrc/) are listed here with the device type they run on and chosen by `get_ops`; the plain-torch backend is

@@ -86,10 +86,26 @@ class TorchOps:
         may run the whole layer in one call instead.
         """
         x, z = self.in_proj_conv_step(hidden, w.in_w, w.in_b, w.in_scale, w.conv_w, w.conv_b, conv_state)  # (b, 1, d) each
+        return self.mixer_tail(w, x, z, ssm_state)
+
+    def mixer_tail(self, w: StepWeights, x: torch.Tensor, z: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """A decoded token's mixer after its conv step: x_proj, dt_proj + scan step, out_proj.
+
+        x (silu(conv) output), z (the gate) (b, 1, d) -> (b, 1, h); ssm_state updated in place.
+        """
         rank, n = w.dt_w.shape[1], w.A.shape[1]
         dt, B, C = self.linear(x, w.x_w).split([rank, n, n], dim=-1)
         y = self.decode_step(x, dt, w.dt_w, w.A, B, C, w.D, z, w.dt_b, ssm_state)
         return self.linear(y, w.out_w, w.out_b, w.out_scale)
+
+    def block_step(self, x, residual, norm_w, eps, residual_fp32, w: StepWeights, conv_state, ssm_state) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoded token through a pre-norm block: (mixer(norm(s)), s) with s = residual + x.
+
+        As `add_rms_norm` then `mixer_step`; a backend may fuse the norm into the mixer's first
+        kernel (the CUDA one does).
+        """
+        normed, residual = self.add_rms_norm(x, residual, norm_w, eps, residual_fp32)
+        return self.mixer_step(w, normed, conv_state, ssm_state), residual
 
     def add_rms_norm(
         self,
