@@ -119,6 +119,11 @@ def _compile(kind: str, sources: list[Path], target: str, build: bool, flags: di
         raise RuntimeError(f"building the {kind.upper()} kernels failed ({first[:200]})") from None
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias or D as float32, contiguous: as the single-op CPU kernels convert them on each call."""
+    return None if t is None else t.float().contiguous()
+
+
 class _KernelOps(TorchOps):
     """A compiled backend: same interface and numerics as `ops.reference.TorchOps` (its fallback)."""
 
@@ -170,18 +175,18 @@ class CpuKernelOps(_KernelOps):
         return self.module.mixer_step(hidden, conv_state, ssm_state, *w)
 
     def decoder(self, model, cache):
-        """A decoded token through the whole model in one C++ call (`model_step`: the same calls as
-        the forward, without its ~240 Python calls per token), or None where some layer would leave
-        the fused path. The weights are gathered once, here: like a captured CUDA graph, the step
-        serves one generation."""
+        """A decoded token through the whole model in one C++ call (`model_step`: the forward's
+        arithmetic, without its ~240 Python calls per token), or None where some layer or the cache
+        would leave the fused path. The weights are gathered once, here: like a captured CUDA
+        graph, the step serves one generation."""
         dtype, backbone, head = model.dtype, model.backbone, model.lm_head
         norms = [layer.norm.weight for layer in backbone.layers]
         steps = [layer.mixer.step_weights() for layer in backbone.layers]
         if not (all(n.dtype == dtype for n in [*norms, backbone.norm_f.weight]) and self._gemv_takes(dtype, head.weight)
+                and cache._conv.dtype == dtype and cache._ssm.dtype == torch.float32
                 and all(self._fuses_mixer(w, cache.batch_size, dtype) for w in steps)):
             return None
-        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731  (as the single-op kernels convert them)
-        layers = [t for norm, w in zip(norms, steps) for t in (norm, *w._replace(in_b=f32(w.in_b), dt_b=f32(w.dt_b), D=f32(w.D), out_b=f32(w.out_b)))]
+        layers = [t for norm, w in zip(norms, steps) for t in (norm, *w._replace(in_b=_f32(w.in_b), dt_b=_f32(w.dt_b), D=_f32(w.D), out_b=_f32(w.out_b)))]
         args = (backbone.embeddings.weight, getattr(backbone.embeddings, "weight_scale", None), layers, cache._conv, cache._ssm,
                 backbone.norm_f.weight, backbone.norm_f.variance_epsilon, model.config.residual_in_fp32, head.weight,
                 getattr(head, "weight_scale", None))
