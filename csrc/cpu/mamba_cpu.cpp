@@ -13,10 +13,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
@@ -44,13 +46,17 @@ View3<T> view3(const torch::Tensor& x) {
 
 // One tile of 16 channels of one sequence over the whole chunk; dt = softplus(delta + bias) in
 // float32 per step (one vector softplus per 16 channels, next to 16 vector exps for the states).
-template <typename scalar_t, typename delta_t>
-void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstate,
+// NS: the state size when known at compile time (16, every published Mamba: the loop over states
+// unrolled, the state in registers), else 0 (any size, the state in memory).
+template <int NS, typename scalar_t, typename delta_t>
+void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstate_any,
                const View3<scalar_t>& u, const View3<delta_t>& delta, const float* delta_bias, const View3<scalar_t>& Bm, const View3<scalar_t>& Cm,
                const View3<scalar_t>* z, const float* A, const float* D, float* state, const View3<scalar_t>& y) {
+    const int64_t nstate = NS > 0 ? NS : nstate_any;
     const int64_t width = std::min(kTile, dim - c0);
     const vf bias = delta_bias != nullptr ? load_tile(delta_bias + c0, width) : vf{};
-    std::vector<vf> h(nstate), a(nstate);  // per state index: 16 channels
+    std::conditional_t<(NS > 0), std::array<vf, NS>, std::vector<vf>> h{}, a{};  // per state index: 16 channels
+    if constexpr (NS == 0) h.resize(nstate), a.resize(nstate);
     for (int64_t n = 0; n < nstate; n++)
         for (int64_t c = 0; c < width; c++) {
             a[n][c] = A[(c0 + c) * nstate + n];
@@ -71,8 +77,9 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
         vf acc = {};
         const scalar_t* br = Bm.row(b, t);
         const scalar_t* cr = Cm.row(b, t);
+#pragma GCC unroll 16
         for (int64_t n = 0; n < nstate; n++) {
-            h[n] = vexp(dtv * a[n]) * h[n] + du * static_cast<float>(br[n]);
+            h[n] = vexp_decay(dtv * a[n]) * h[n] + du * static_cast<float>(br[n]);
             acc += h[n] * static_cast<float>(cr[n]);
         }
         vf out = acc + dskip * uv;
@@ -117,9 +124,11 @@ torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor
             using delta_t = decltype(delta_zero);
             const auto dv = view3<delta_t>(delta);
             at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-                for (int64_t i = begin; i < end; i++)
-                    scan_tile<scalar_t, delta_t>(i / tiles, (i % tiles) * kTile, length, dim, nstate, uv, dv, bp, bv, cv,
-                                                 z.has_value() ? &zv : nullptr, A.data_ptr<float>(), Dp, state.data_ptr<float>(), yv);
+                for (int64_t i = begin; i < end; i++) {
+                    auto tile = nstate == 16 ? scan_tile<16, scalar_t, delta_t> : scan_tile<0, scalar_t, delta_t>;
+                    tile(i / tiles, (i % tiles) * kTile, length, dim, nstate, uv, dv, bp, bv, cv, z.has_value() ? &zv : nullptr, A.data_ptr<float>(),
+                         Dp, state.data_ptr<float>(), yv);
+                }
             });
         };
         if (delta.scalar_type() == torch::kFloat) run(0.0f); else run(scalar_t(0));
