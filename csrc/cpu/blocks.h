@@ -171,4 +171,30 @@ void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const f
     store_tile(yp + c0, out, rows);
 }
 
+// A decode step's per-sequence inputs: sequence b's rows start at pointer + b * stride; z may be null.
+template <typename T>
+struct StepRows {
+    const T *u, *z, *dt_low, *B, *C;
+    int64_t u_sb, z_sb, dt_low_sb, b_sb, c_sb;
+};
+
+// Items begin..end of (batch x tiles of 16 channels) of a decode step (see decode_tile), dt_low
+// widened to float32 once per sequence; state (b, d, n) and y (b, d) contiguous.
+template <typename T>
+void decode_tiles(int64_t begin, int64_t end, int64_t dim, int64_t rank, int64_t nstate, const StepRows<T>& in, const T* dt_w, const float* bias,
+                  const float* A, const float* D, float* state, T* y) {
+    const int64_t tiles = (dim + kLanes - 1) / kLanes;
+    float lowf[256];
+    int64_t lowb = -1;  // the sequence whose dt_low is in lowf
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t b = i / tiles, c0 = (i % tiles) * kLanes;
+        if (b != lowb) {
+            for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(in.dt_low[b * in.dt_low_sb + j]);
+            lowb = b;
+        }
+        decode_tile<T>(c0, std::min(kLanes, dim - c0), rank, nstate, lowf, dt_w, bias, in.u + b * in.u_sb, in.z != nullptr ? in.z + b * in.z_sb : nullptr,
+                       in.B + b * in.b_sb, in.C + b * in.c_sb, A, D, state + b * dim * nstate, y + b * dim);
+    }
+}
+
 }  // namespace mamba_cpu

@@ -60,21 +60,11 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
     const int64_t tiles = (dim + kLanes - 1) / kLanes;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, u.scalar_type(), "decode_step", [&] {
         using T = scalar_t;
-        const T* low = dt_low.data_ptr<T>();
+        const StepRows<T> in{u.data_ptr<T>(), z.has_value() ? z->data_ptr<T>() : nullptr, dt_low.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(),
+                             u.stride(0), z.has_value() ? z->stride(0) : 0, dt_low.stride(0), B.stride(0), C.stride(0)};
         at::parallel_for(0, batch * tiles, 8, [&](int64_t begin, int64_t end) {
-            float lowf[256];
-            int64_t lowb = -1;  // the sequence whose dt_low is in lowf
-            for (int64_t i = begin; i < end; i++) {
-                const int64_t b = i / tiles, c0 = (i % tiles) * kLanes;
-                if (b != lowb) {
-                    for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(low[b * dt_low.stride(0) + j]);
-                    lowb = b;
-                }
-                decode_tile<T>(c0, std::min(kLanes, dim - c0), rank, nstate, lowf, w.data_ptr<T>(), delta_bias.has_value() ? bias.data_ptr<float>() : nullptr,
-                               u.data_ptr<T>() + b * u.stride(0), z.has_value() ? z->data_ptr<T>() + b * z->stride(0) : nullptr,
-                               B.data_ptr<T>() + b * B.stride(0), C.data_ptr<T>() + b * C.stride(0), A.data_ptr<float>(),
-                               D.has_value() ? Dc.data_ptr<float>() : nullptr, state.data_ptr<float>() + b * dim * nstate, y.data_ptr<T>() + b * dim);
-            }
+            decode_tiles(begin, end, dim, rank, nstate, in, w.data_ptr<T>(), delta_bias.has_value() ? bias.data_ptr<float>() : nullptr, A.data_ptr<float>(),
+                         D.has_value() ? Dc.data_ptr<float>() : nullptr, state.data_ptr<float>(), y.data_ptr<T>());
         });
     });
     return y;

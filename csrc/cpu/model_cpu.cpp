@@ -85,16 +85,10 @@ void mixer_phases(const Layer& l, const T* in, T* out, Scratch<T>& s, float* xf,
 #pragma omp barrier
     project(s.x.data(), xf, batch, d, l.x_w, nullptr, nullptr, s.low.data(), part, parts);
 #pragma omp barrier
-    float lowf[256];
+    const StepRows<T> rows{s.x.data(), s.xz.data() + d, s.low.data(), s.low.data() + rank, s.low.data() + rank + n, d, 2 * d, low_width, low_width, low_width};
     const auto [t_begin, t_end] = share(batch * tiles, part, parts);
-    for (int64_t t = t_begin; t < t_end; t++) {  // the decode step, by tiles of 16 channels
-        const int64_t b = t / tiles, c0 = (t % tiles) * kLanes;
-        const T* lb = s.low.data() + b * low_width;  // dt_low (rank), B (n), C (n)
-        for (int64_t j = 0; j < rank; j++) lowf[j] = static_cast<float>(lb[j]);
-        decode_tile<T>(c0, std::min(kLanes, d - c0), rank, n, lowf, l.dt_w.data_ptr<T>(), ptr_or_null<float>(l.dt_b), s.x.data() + b * d,
-                       s.xz.data() + b * 2 * d + d, lb + rank, lb + rank + n, l.A.data_ptr<float>(), ptr_or_null<float>(l.D), ssm_state + b * d * n,
-                       s.y.data() + b * d);
-    }
+    decode_tiles(t_begin, t_end, d, rank, n, rows, l.dt_w.data_ptr<T>(), ptr_or_null<float>(l.dt_b), l.A.data_ptr<float>(), ptr_or_null<float>(l.D), ssm_state,
+                 s.y.data());
 #pragma omp barrier
     project(s.y.data(), xf, batch, d, l.out_w, ptr_or_null<float>(l.out_scale), ptr_or_null<float>(l.out_b), out, part, parts);
 }
@@ -121,9 +115,13 @@ void run_token(const torch::Tensor& tokens, const torch::Tensor& embed, const c1
     const int64_t* ids = tokens.data_ptr<int64_t>();
     for (int64_t b = 0; b < batch; b++) {  // the embedding rows (int8 tables: q * scale in float32, then T)
         TORCH_CHECK(ids[b] >= 0 && ids[b] < embed.size(0), "model_step: token id ", ids[b], " out of range");
-        for (int64_t i = 0; i < h; i++)
-            hidden[b * h + i] = embed_scale.has_value() ? static_cast<T>(static_cast<float>(embed.data_ptr<int8_t>()[ids[b] * h + i]) * embed_scale->data_ptr<float>()[ids[b]])
-                                                        : embed.data_ptr<T>()[ids[b] * h + i];
+        if (embed_scale.has_value()) {
+            const int8_t* q = embed.data_ptr<int8_t>() + ids[b] * h;
+            const float scale = embed_scale->data_ptr<float>()[ids[b]];
+            for (int64_t i = 0; i < h; i++) hidden[b * h + i] = static_cast<T>(static_cast<float>(q[i]) * scale);
+        } else {
+            std::copy_n(embed.data_ptr<T>() + ids[b] * h, h, hidden.begin() + b * h);
+        }
     }
     T* conv_all = conv_states.data_ptr<T>();  // (layers, b, d, k)
     float* ssm_all = ssm_states.data_ptr<float>();  // (layers, b, d, n)

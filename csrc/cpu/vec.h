@@ -18,6 +18,16 @@ constexpr int64_t kLanes = 16;
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
+// Cephes expf's polynomial p(r), with exp(r) ~ 1 + r + r^2 p(r) for |r| <= ln(2) / 2.
+inline vf cephes_exp_poly(vf r) {
+    vf p = vf{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    return p * r + 5.0000001201e-1f;
+}
+
 // exp(x) for 16 lanes: Cephes expf's range reduction and polynomial (about 1 ulp).
 inline vf vexp(vf x) {
     const vf lo = vf{} - 87.3f, hi = vf{} + 88.3f, magic = vf{} + 12582912.0f;  // 1.5 * 2^23 rounds to nearest
@@ -25,13 +35,7 @@ inline vf vexp(vf x) {
     x = x > hi ? hi : x;
     const vf n = (x * 1.44269504088896341f + magic) - magic;
     const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2, two-part constant
-    vf p = vf{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const vf p = cephes_exp_poly(r) * r * r + r + 1.0f;
     const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
     return p * reinterpret_cast<const vf&>(bits);
 }
@@ -51,13 +55,7 @@ inline vf vexp_decay(vf x) {
     const vf shifted = x * 1.44269504088896341f + 12582912.0f;  // round(x log2 e) in the low mantissa bits
     const vf n = shifted - 12582912.0f;
     const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2, two-part constant
-    vf p = vf{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = (p * r + 1.0f) * r + 1.0f;
+    const vf p = (cephes_exp_poly(r) * r + 1.0f) * r + 1.0f;
     const vi bits = (reinterpret_cast<const vi&>(shifted) - (0x4B400000 - 127)) << 23;  // 2^n
     return p * reinterpret_cast<const vf&>(bits);
 }
