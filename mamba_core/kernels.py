@@ -83,7 +83,8 @@ def load_cuda(build: bool = True):
             raise RuntimeError("this torch build has no CUDA support")
         major, minor = torch.cuda.get_device_capability()
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # build for this GPU only: fast
-        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh", CSRC / "cuda" / "fused_kernels.cuh", CSRC / "norm_tensors.h"]
+        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh", CSRC / "cuda" / "fused_kernels.cuh", CSRC / "cuda" / "rows_gemm.cuh",
+                   CSRC / "norm_tensors.h"]
         return _compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda}", b,
                         {"extra_cuda_cflags": ["-O3", "-std=c++17"], "extra_cflags": ["-O3"]}, label=f"sm_{major}{minor}")
 
@@ -210,6 +211,17 @@ class CudaKernelOps(_KernelOps):
     """The compiled CUDA backend (everything in csrc/cuda, softplus included)."""
 
     name = "cuda-kernels"
+    # Products of 2..few_rows rows of 16-bit x with weights of at most few_rows_weights elements use
+    # our tensor-core kernel (sm_90+), others cuBLAS: chosen on an H200 (benchmarks/gemm_microbench.py
+    # and whole-model decoding). Alone, ours takes 2.6-3.3 us for the 130m x_proj and out_proj against
+    # cuBLAS's 4.1-5.8, but 4.0-4.7 us for its in_proj against 3.4, and 1.5-2.7x cuBLAS's time at 64
+    # rows or for the 1.4b and 2.8b in_proj and out_proj; with the 130m in_proj too, a decode step at
+    # batch 8 took 0.510 ms instead of 0.545, as ours start early after the kernels before them.
+    few_rows, few_rows_weights = 16, 1 << 22
+
+    def __init__(self, module, clusters: bool):
+        super().__init__(module)
+        self.clusters = clusters  # sm_90+: thread-block clusters (rows_gemm)
 
     def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         if ssm_state is None:
@@ -217,20 +229,26 @@ class CudaKernelOps(_KernelOps):
         return self.module.selective_scan(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
 
     @staticmethod
-    def _one_row(x, weight, scale) -> bool:
-        """Can the one-row kernels take this product? (Ours beat cuBLAS for one row of x on an
-        H200 and were 1.8x slower for 8, so larger batches stay with cuBLAS.)"""
-        return (scale is None and x.numel() == x.shape[-1] and weight.dtype == x.dtype and x.shape[-1] % (16 // x.element_size()) == 0
+    def _aligned(x, weight, scale) -> bool:
+        """Can our product kernels take x and weight? One dtype, no int8 scale, contiguous and
+        16-byte aligned, rows a multiple of 16 bytes long."""
+        return (scale is None and weight.dtype == x.dtype and x.shape[-1] % (16 // x.element_size()) == 0
                 and x.is_contiguous() and x.data_ptr() % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
 
     def linear(self, x, weight, bias=None, scale=None):
-        if self._one_row(x, weight, scale):
-            return self.module.gemv(x, weight, bias)
+        """Our kernels where they beat cuBLAS on an H200 (and can start early in a decode chain): the
+        GEMV for one row, the tensor-core kernel for a few rows and small weights; cuBLAS otherwise."""
+        rows = x.numel() // x.shape[-1]
+        if rows <= self.few_rows and self._aligned(x, weight, scale):
+            if rows == 1:
+                return self.module.gemv(x, weight, bias)
+            if self.clusters and x.dtype != torch.float32 and weight.numel() <= self.few_rows_weights and x.shape[-1] <= 6144:
+                return self.module.rows_gemm(x, weight, bias)
         return super().linear(x, weight, bias, scale)
 
     def block_step(self, x, residual, norm_w, eps, residual_fp32, w, conv_state, ssm_state):
         res_dtype = torch.float32 if residual_fp32 else x.dtype
-        if not (self._one_row(x, w.in_w, w.in_scale) and norm_w.dtype == x.dtype and 2 <= w.conv_w.shape[1] <= 4
+        if not (x.numel() == x.shape[-1] and self._aligned(x, w.in_w, w.in_scale) and norm_w.dtype == x.dtype and 2 <= w.conv_w.shape[1] <= 4
                 and (residual is None or residual.dtype == res_dtype)):
             return super().block_step(x, residual, norm_w, eps, residual_fp32, w, conv_state, ssm_state)
         xc, z, residual = self.module.norm_in_proj_conv_step(x, residual, norm_w, eps, residual_fp32, w.in_w, w.in_b, w.conv_w, w.conv_b, conv_state)
@@ -244,7 +262,7 @@ class CudaKernelOps(_KernelOps):
 
 def cuda_backend(device) -> CudaKernelOps:
     """Factory for the ops registry: the compiled CUDA ops, or RuntimeError saying why not."""
-    return CudaKernelOps(load_cuda())
+    return CudaKernelOps(load_cuda(), torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def cpu_backend(device) -> CpuKernelOps:

@@ -145,6 +145,27 @@ def test_gemv_matches_float64(kernels, dtype, rows, n, k, bias):
     assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs sm_90+ (clusters)")
+
+
+@sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 8, 17, 64])
+@pytest.mark.parametrize("n, k, bias", [(3072, 768, False), (80, 1536, True), (100, 40, True), (768, 4096, False), (130, 2056, False)])
+def test_rows_gemm_matches_float64(kernels, dtype, rows, n, k, bias):
+    """The tensor-core product for a few rows: k split over a cluster (up to 8 blocks, k not a multiple
+    of the slice), n not a multiple of the 64-column tile, rows not a multiple of 16; within the
+    output's rounding (half an ulp: 2e-3 in bf16, 2.4e-4 in fp16) of float64 on the same inputs."""
+    g = torch.Generator(device="cuda").manual_seed(rows * n + k)
+    x = torch.randn(rows, 1, k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    got = kernels.module.rows_gemm(x, w, b)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.shape == (rows, 1, n) and got.dtype == dtype
+    assert ((got.double() - want).abs() / want.abs().clamp_min(0.1)).max() <= (4e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel, bias, residual", [(4, True, "fp32"), (3, False, None), (2, True, "model"), (4, False, "model")])
 def test_norm_in_proj_conv_step_matches_torch(kernels, dtype, kernel, bias, residual):
@@ -180,13 +201,14 @@ def test_model_logits_and_greedy_match_cpu(tiny):
     assert torch.equal(gpu.generate(prompt.cuda(), max_new_tokens=40).cpu(), tiny.model.generate(prompt, max_new_tokens=40))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decoded_tokens_at_batch_1_match_torch_path(dtype):
-    """One-row decoding (the fused norm + in_proj + conv kernel, GEMV, decode step) against the torch ops."""
-    ids = torch.randint(0, 2045, (1, 30), generator=torch.Generator().manual_seed(7)).cuda()
+@pytest.mark.parametrize("dtype, batch", [("float32", 1), ("bfloat16", 1), ("bfloat16", 8), ("float16", 16), ("float32", 64)])
+def test_decoded_tokens_match_torch_path(dtype, batch):
+    """Decoding against the torch ops: one row (the fused norm + in_proj + conv kernel, GEMV, decode
+    step), 8 or 16 rows (the tensor-core products on sm_90+) and 64 rows (cuBLAS, our other kernels)."""
+    ids = torch.randint(0, 2045, (batch, 30), generator=torch.Generator().manual_seed(7)).cuda()
     plain = load_model("tiny-wikitext", dtype=dtype, device="cuda", backend="torch").model
     fast = load_model("tiny-wikitext", dtype=dtype, device="cuda", backend="cuda-kernels").model
-    caches = plain.make_cache(1), fast.make_cache(1)
+    caches = plain.make_cache(batch), fast.make_cache(batch)
     plain(ids, caches[0]), fast(ids, caches[1])
     tol = 1e-5 if dtype == "float32" else 1e-2
     for step in range(5):

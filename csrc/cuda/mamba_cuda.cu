@@ -20,6 +20,7 @@
 #include "../norm_tensors.h"
 #include "fused_kernels.cuh"
 #include "mamba_kernels.cuh"
+#include "rows_gemm.cuh"
 
 namespace {
 
@@ -54,15 +55,26 @@ void launch_scan(int per_thread, dim3 grid, cudaStream_t stream, const ScanArgs&
 constexpr int64_t kEarlyRows = 256;  // add + norm launches early for at most this many rows (decoding)
 
 // `early` false: an ordinary launch (prompt-sized grids, whose blocks would only hold SM slots
-// while waiting).
+// while waiting). `cluster` > 0: thread-block clusters of (cluster, 1, 1) (sm_90+ only).
+template <typename... Params, typename... Args>
+void launch_with(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool early, unsigned cluster, Args... args) {
+    static const bool supported = at::cuda::getCurrentDeviceProperties()->major >= 9;
+    cudaLaunchAttribute attribute[2];
+    unsigned count = 0;
+    if (supported && early) {
+        attribute[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attribute[count++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster > 0) {
+        attribute[count].id = cudaLaunchAttributeClusterDimension;
+        attribute[count++].val.clusterDim = {cluster, 1, 1};
+    }
+    cudaLaunchConfig_t config{grid, block, smem, stream, attribute, count};
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+}
 template <typename... Params, typename... Args>
 void launch_early(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool early, Args... args) {
-    static const bool supported = at::cuda::getCurrentDeviceProperties()->major >= 9;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{grid, block, smem, stream, attribute, supported && early ? 1u : 0u};
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+    launch_with(kernel, grid, block, smem, stream, early, 0, args...);
 }
 
 void check_last(const torch::Tensor& t, const char* name) {
@@ -239,6 +251,49 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
     return y;
 }
 
+// y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for 1..64 rows of 16-bit x on sm_90+ (tensor
+// cores, clusters; see rows_gemm.cuh). Needs k % 8 == 0 and 16-byte aligned, contiguous x and weight.
+torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t splits) {
+    const int64_t k = x.size(-1), m = x.numel() / k, n = weight.size(0);
+    const auto type = x.scalar_type();
+    TORCH_CHECK(x.is_cuda() && x.is_contiguous() && (type == torch::kBFloat16 || type == torch::kHalf) && weight.scalar_type() == type &&
+                weight.is_contiguous() && weight.size(1) == k && k % 8 == 0 && m >= 1 && m <= 64 &&
+                reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+                "rows_gemm: 1..64 contiguous rows of bf16/fp16 x, weight (n, k) contiguous in x's dtype, k a multiple of 8, 16-byte aligned");
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto* props = at::cuda::getCurrentDeviceProperties();
+    const GemmSplit split = gemm_split(static_cast<int>(k), static_cast<int>(splits));
+    const int mt = static_cast<int>((m + 15) / 16);
+    const size_t smem = gemm_smem(mt, split, x.element_size());
+    TORCH_CHECK(props->major >= 9 && smem <= props->sharedMemPerBlockOptin, "rows_gemm needs sm_90+ and k <= ~6000 (", smem, " bytes of shared memory)");
+    auto sizes = x.sizes().vec();
+    sizes.back() = n;
+    auto y = torch::empty(sizes, x.options());
+    torch::Tensor bc = bias.has_value() ? bias->to(type).contiguous() : torch::Tensor();
+    const dim3 grid(split.splits, static_cast<unsigned>((n + kGemmCols - 1) / kGemmCols));
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch(type, [&](auto zero) {
+        using T = decltype(zero);
+        if constexpr (!std::is_same_v<T, float>) {
+            auto launch = [&](auto tiles) {
+                auto kernel = rows_gemm_kernel<T, decltype(tiles)::value>;
+                C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));  // above 48 KB
+                launch_with(kernel, grid, kGemmThreads, smem, stream, true, split.splits, static_cast<const T*>(x.data_ptr()),
+                            static_cast<const T*>(weight.data_ptr()), bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr,
+                            static_cast<T*>(y.data_ptr()), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), split.slice);
+            };
+            switch (mt) {
+                case 1: launch(std::integral_constant<int, 1>()); break;
+                case 2: launch(std::integral_constant<int, 2>()); break;
+                case 3: launch(std::integral_constant<int, 3>()); break;
+                default: launch(std::integral_constant<int, 4>()); break;
+            }
+        }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return y;
+}
+
 // One decoded token's add + RMSNorm, in_proj and conv step: s = residual + x (as add_rms_norm),
 // then x, z = (norm(s) @ weight (2d, h)^T + bias) split in halves; returns (silu(conv step of x), z,
 // s). x (1, 1, h); conv_state (1, d, k) updated in place.
@@ -285,6 +340,8 @@ std::vector<torch::Tensor> norm_in_proj_conv_step(torch::Tensor x, c10::optional
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gemv", &gemv, "x @ W^T for one row of x (CUDA)");
+    m.def("rows_gemm", &rows_gemm, "x @ W^T for 1..64 rows of 16-bit x, tensor cores (CUDA, sm_90+)", py::arg("x"), py::arg("weight"),
+          py::arg("bias"), py::arg("splits") = 0);
     m.def("norm_in_proj_conv_step", &norm_in_proj_conv_step, "add + RMSNorm, in_proj and conv step of one decoded token (CUDA)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
     m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");

@@ -1,0 +1,75 @@
+"""Products of a few rows (decoding a batch): our tensor-core kernel (rows_gemm) against cuBLAS.
+
+    python benchmarks/gemm_microbench.py [--rows 2,8,64]
+
+Each product is captured 20 times in a row into a CUDA graph (as in decoding, where products follow
+each other; ours may start early and stage its weights while the previous one runs) and the graph
+replayed; the table gives microseconds per product and the weights' GB/s. bf16, an H200 in mind
+(sm_90+); the shapes are the projections of the 130m, 1.4b and 2.8b models.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from mamba_core.kernels import cuda_backend
+
+SHAPES = {  # name: (n, k) of the weight
+    "130m in_proj": (3072, 768), "130m x_proj": (80, 1536), "130m out_proj": (768, 1536), "130m lm_head": (50280, 768),
+    "1.4b in_proj": (8192, 2048), "1.4b x_proj": (160, 4096), "1.4b out_proj": (2048, 4096),
+    "2.8b in_proj": (10240, 2560), "2.8b x_proj": (192, 5120), "2.8b out_proj": (2560, 5120),
+}
+CALLS = 20
+
+
+def time_graph(fn, replays: int = 50) -> float:
+    """Microseconds per call of fn, from a CUDA graph of CALLS calls replayed `replays` times."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * CALLS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="2,8,64")
+    parser.add_argument("--splits", default="0,2,4,8", help="blocks per cluster to try (0: the kernel's own choice)")
+    args = parser.parse_args()
+    module = cuda_backend("cuda").module
+    splits = [int(s) for s in args.splits.split(",")]
+    heads = " | ".join(f"ours s={s or 'auto'} us" for s in splits)
+    print(f"| product | rows | cuBLAS us | {heads} | ours GB/s | max rel. difference |")
+    print("|---|---:|---:|" + "---:|" * (len(splits) + 2))
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, 1, k, device="cuda", dtype=torch.bfloat16)
+            ref, ours = F.linear(x, w), module.rows_gemm(x, w, None)
+            diff = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            times = []
+            for s in splits:
+                fits = s == 0 or -(-k // s) <= 1024  # shared memory for the slices of x and w
+                times.append(time_graph(lambda: module.rows_gemm(x, w, None, s)) if fits else float("nan"))  # noqa: B023
+            t_cublas = time_graph(lambda: F.linear(x, w))  # noqa: B023
+            cells = " | ".join(f"{t:.2f}" for t in times)
+            print(f"| {name} | {rows} | {t_cublas:.2f} | {cells} | {n * k * 2 / times[0] / 1e3:,.0f} | {diff:.1e} |", flush=True)
+
+if __name__ == "__main__":
+    main()
