@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mamba_core.allocator import keep_freed_memory
 from mamba_core.cuda_graph import decoder_for
 
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("-t", "--threads", type=int, default=0)
     parser.add_argument("--backend", default="auto", help="our ops backend (auto, torch, cpu-kernels)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does; process-wide, so transformers runs with it too
     if args.threads:
         torch.set_num_threads(args.threads)
     theirs_dtype = args.theirs_dtype or args.dtype

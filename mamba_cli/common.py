@@ -16,6 +16,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from mamba_core.allocator import keep_freed_memory
 from mamba_core.errors import MambaError, MambaUsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -62,6 +63,7 @@ def command(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         warnings.showwarning = _show_warning
+        keep_freed_memory()  # CPU prompts: no page faults for every freed activation (see mamba_core/allocator.py)
         try:
             return func(*args, **kwargs)
         except typer.Exit:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from .allocator import release_freed_memory
 from .cuda_graph import decoder_for
 from .model import MambaForCausalLM
 
@@ -62,6 +63,7 @@ def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    release_freed_memory()  # so that an earlier case's retained heap does not count in this one's peak
     try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
