@@ -156,7 +156,8 @@ void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const f
         for (int64_t n0 = 0; n0 < nstate; n0 += kLanes) {
             const int64_t width = std::min(kLanes, nstate - n0);
             vf hv = load_tile(h + n0, width);
-            hv = vexp_decay(dts[r] * load_tile(Ap + c * nstate + n0, width)) * hv + du * load_tile(Bp + n0, width);
+            const vf a2 = load_tile(Ap + c * nstate + n0, width) * kLog2e;  // as the scan rounds it
+            hv = vexp2_decay(dts[r] * a2) * hv + du * load_tile(Bp + n0, width);
             store_tile(h + n0, hv, width);
             acc += hv * load_tile(Cp + n0, width);
         }

@@ -8,7 +8,7 @@
 // Work is split over (batch x tiles of 16 channels) with ATen's thread pool. Inside a tile the
 // sequence is walked once; the state h (n x 16 floats) stays in registers/L1, the loops over the
 // 16 channels are one vector value (GCC vector extensions: one AVX-512 or two AVX2 registers),
-// and exp is a polynomial on those vectors (Cephes expf: about 1 ulp).
+// and exp is a polynomial on those vectors (about 1 ulp: vec.h).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -44,6 +44,18 @@ View3<T> view3(const torch::Tensor& x) {
     return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
 }
 
+// p[0, n) as float32: p itself, or (16-bit inputs) widened into buf once, so that the scan's
+// broadcasts of B and C are loads (a conversion at each use was a scalar convert and a shuffle).
+template <typename T>
+const float* as_f32(const T* p, int64_t n, float* buf) {
+    if constexpr (std::is_same_v<T, float>) {
+        return p;
+    } else {
+        for (int64_t n0 = 0; n0 < n; n0 += kLanes) store_tile(buf + n0, load_tile(p + n0, std::min(kLanes, n - n0)), std::min(kLanes, n - n0));
+        return buf;
+    }
+}
+
 // One tile of 16 channels of one sequence over the whole chunk; dt = softplus(delta + bias) in
 // float32 per step (one vector softplus per 16 channels, next to 16 vector exps for the states).
 // NS: the state size when known at compile time (16, every published Mamba: the loop over states
@@ -56,10 +68,11 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
     const int64_t width = std::min(kTile, dim - c0);
     const vf bias = delta_bias != nullptr ? load_tile(delta_bias + c0, width) : vf{};
     std::conditional_t<(NS > 0), std::array<vf, NS>, std::vector<vf>> h{}, a{};  // per state index: 16 channels
-    if constexpr (NS == 0) h.resize(nstate), a.resize(nstate);
+    std::conditional_t<(NS > 0), std::array<float, NS>, std::vector<float>> bw{}, cw{};  // B, C of a step widened
+    if constexpr (NS == 0) h.resize(nstate), a.resize(nstate), bw.resize(nstate), cw.resize(nstate);
     for (int64_t n = 0; n < nstate; n++)
         for (int64_t c = 0; c < width; c++) {
-            a[n][c] = A[(c0 + c) * nstate + n];
+            a[n][c] = A[(c0 + c) * nstate + n] * kLog2e;  // the decays as powers of 2 (vexp2_decay)
             h[n][c] = state[(b * dim + c0 + c) * nstate + n];
         }
     const vf dskip = D != nullptr ? load_tile(D + c0, width) : vf{};
@@ -75,12 +88,12 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
         const vf dtv = vsoftplus(load_tile(delta.row(b, t) + c0, width) + bias);
         const vf du = dtv * uv;
         vf acc = {};
-        const scalar_t* br = Bm.row(b, t);
-        const scalar_t* cr = Cm.row(b, t);
+        const float* br = as_f32(Bm.row(b, t), nstate, bw.data());  // (n,) for the broadcasts below
+        const float* cr = as_f32(Cm.row(b, t), nstate, cw.data());
 #pragma GCC unroll 16
         for (int64_t n = 0; n < nstate; n++) {
-            h[n] = vexp_decay(dtv * a[n]) * h[n] + du * static_cast<float>(br[n]);
-            acc += h[n] * static_cast<float>(cr[n]);
+            h[n] = vexp2_decay(dtv * a[n]) * h[n] + du * br[n];
+            acc += h[n] * cr[n];
         }
         vf out = acc + dskip * uv;
         if (z != nullptr) {
