@@ -1,10 +1,11 @@
-// y = x @ w^T for a few rows of x (2..64: decoding a batch), on tensor cores, for 16-bit types.
+// y = x @ w^T for a few rows of x (1..64; the ops layer sends it 2..16 decoded rows and small
+// weights, where it beats cuBLAS), on tensor cores, for 16-bit types.
 //
-// cuBLAS picks tilings made for large products, and at 8-64 rows spends ~4.7 us on matrices that
-// take ~1 us to read (docs/perf-notes.md, d7); its kernels also cannot start early, so they break
-// the chain of early-launched decode kernels. Here a tile of 64 output columns is computed by a
-// cluster of S blocks (sm_90+), each over one slice of k (so the x rows are read once per tile,
-// not once per 16 columns, and a 768x3072 product still spreads over ~150 blocks); the S partial
+// cuBLAS picks tilings made for large products, and at 8-16 rows spends 4-6 us on matrices that
+// take 0.1-1 us to read (benchmarks/gemm_microbench.py); its kernels also cannot start early, so they
+// break the chain of early-launched decode kernels. Here a tile of 64 output columns is computed by
+// a cluster of S blocks (sm_90+), each over one slice of k (so the x rows are read once per tile,
+// not once per 16 columns, and a 768x3072 product still spreads over 192 blocks); the S partial
 // tiles are summed in a fixed order through distributed shared memory, so the result does not
 // depend on timing. Float32 accumulation (wmma 16x16x16), rounded once to T.
 #pragma once
