@@ -253,6 +253,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
 
 // y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for 1..64 rows of 16-bit x on sm_90+ (tensor
 // cores, clusters; see rows_gemm.cuh). Needs k % 8 == 0 and 16-byte aligned, contiguous x and weight.
+// splits: blocks per cluster, each over a slice of k (0: the kernel's choice; the microbenchmark tries others).
 torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t splits) {
     const int64_t k = x.size(-1), m = x.numel() / k, n = weight.size(0);
     const auto type = x.scalar_type();
