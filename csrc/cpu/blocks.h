@@ -145,7 +145,7 @@ void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const f
         for (int64_t j = 0; j < rank; j += kLanes) acc += load_tile(lowf + j, std::min(kLanes, rank - j)) * load_tile(w + j, std::min(kLanes, rank - j));
         raw[r] = static_cast<float>(static_cast<T>(hsum(acc))) + (bias != nullptr ? bias[c0 + r] : 0.0f);
     }
-    const vf dt = vsoftplus(load16(raw));
+    const vf dt = softplus_for<T>(load16(raw));
     std::memcpy(dts, &dt, sizeof(dts));
     const vf u = load_tile(up + c0, rows);
     for (int64_t r = 0; r < rows; r++) {
@@ -167,7 +167,7 @@ void decode_tile(int64_t c0, int64_t rows, int64_t rank, int64_t nstate, const f
     if (Dp != nullptr) out += load_tile(Dp + c0, rows) * u;
     if (zp != nullptr) {
         const vf zv = load_tile(zp + c0, rows);
-        out *= vsilu(zv);
+        out *= silu_for<T>(zv);
     }
     store_tile(yp + c0, out, rows);
 }

@@ -85,7 +85,7 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
             if (z != nullptr) __builtin_prefetch(z->row(b, t + kAhead) + c0);
         }
         const vf uv = load_tile(u.row(b, t) + c0, width);
-        const vf dtv = vsoftplus(load_tile(delta.row(b, t) + c0, width) + bias);
+        const vf dtv = softplus_for<scalar_t>(load_tile(delta.row(b, t) + c0, width) + bias);
         const vf du = dtv * uv;
         vf acc = {};
         const float* br = as_f32(Bm.row(b, t), nstate, bw.data());  // (n,) for the broadcasts below
@@ -98,7 +98,7 @@ void scan_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t nstat
         vf out = acc + dskip * uv;
         if (z != nullptr) {
             const vf zv = load_tile(z->row(b, t) + c0, width);
-            out *= vsilu(zv);
+            out *= silu_for<scalar_t>(zv);
         }
         store_tile(y.row(b, t) + c0, out, width);
     }
