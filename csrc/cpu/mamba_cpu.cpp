@@ -156,6 +156,37 @@ void conv_step(const T* x, int64_t x_sb, const T* weight, const T* bias, T* stat
 
 // silu(causal depthwise conv of x (b, l, d) with weight (d, k)), continuing from conv_state
 // (b, d, k) (the last k inputs, newest last), which is overwritten with the new last k inputs.
+namespace {
+
+// One tile of 16 channels of one sequence over the chunk: y = silu(bias + sum_j w_j x_{t-k+1+j}),
+// continuing from the conv state st (b, d, k), oldest first, which is overwritten with the last k
+// inputs. K: the kernel size when known at compile time (the window then lives in registers), else 0.
+template <int K, typename T>
+void conv_tile(int64_t b, int64_t c0, int64_t length, int64_t dim, int64_t kernel_any, const View3<T>& x, const float* wp, const float* bp,
+               T* st, const View3<T>& y) {
+    const int64_t kernel = K > 0 ? K : kernel_any, width = std::min(kTile, dim - c0);
+    std::conditional_t<(K > 0), std::array<vf, K>, std::vector<vf>> window{}, weights{};  // per tap: 16 channels; window oldest first
+    if constexpr (K == 0) window.resize(kernel), weights.resize(kernel);
+    for (int64_t j = 0; j < kernel; j++)
+        for (int64_t c = 0; c < kTile; c++) {
+            window[j][c] = c < width ? static_cast<float>(st[(b * dim + c0 + c) * kernel + j]) : 0.0f;
+            weights[j][c] = c < width ? wp[(c0 + c) * kernel + j] : 0.0f;
+        }
+    const vf bv = load_tile(bp + c0, width);
+    for (int64_t t = 0; t < length; t++) {
+        if (t + kAhead < length) __builtin_prefetch(x.row(b, t + kAhead) + c0);  // as in the scan
+        for (int64_t j = 0; j + 1 < kernel; j++) window[j] = window[j + 1];
+        window[kernel - 1] = load_tile(x.row(b, t) + c0, width);
+        vf acc = bv;
+        for (int64_t j = 0; j < kernel; j++) acc += window[j] * weights[j];
+        store_tile(y.row(b, t) + c0, vsilu(acc), width);
+    }
+    for (int64_t j = 0; j < kernel; j++)
+        for (int64_t c = 0; c < width; c++) st[(b * dim + c0 + c) * kernel + j] = static_cast<T>(window[j][c]);
+}
+
+}  // namespace
+
 torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, torch::Tensor conv_state) {
     const int64_t batch = x.size(0), length = x.size(1), dim = x.size(2), kernel = weight.size(1);
     TORCH_CHECK(conv_state.is_contiguous() && conv_state.scalar_type() == x.scalar_type(), "conv_state must be contiguous, x's dtype");
@@ -178,29 +209,18 @@ torch::Tensor causal_conv1d(torch::Tensor x, torch::Tensor weight, c10::optional
         scalar_t* st = conv_state.data_ptr<scalar_t>();
         const float* wp = w.data_ptr<float>();
         const float* bp = bf.data_ptr<float>();
-        at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-            std::vector<vf> window(kernel), weights(kernel);  // per tap: 16 channels; window oldest first
-            for (int64_t i = begin; i < end; i++) {
-                const int64_t b = i / tiles, c0 = (i % tiles) * kTile, width = std::min(kTile, dim - c0);
-                for (int64_t j = 0; j < kernel; j++)
-                    for (int64_t c = 0; c < kTile; c++) {
-                        window[j][c] = c < width ? static_cast<float>(st[(b * dim + c0 + c) * kernel + j]) : 0.0f;
-                        weights[j][c] = c < width ? wp[(c0 + c) * kernel + j] : 0.0f;
-                    }
-                const vf bv = load_tile(bp + c0, width);
-                for (int64_t t = 0; t < length; t++) {
-                    if (t + kAhead < length) __builtin_prefetch(xv.row(b, t + kAhead) + c0);  // as in the scan
-                    for (int64_t j = 0; j + 1 < kernel; j++) window[j] = window[j + 1];
-                    window[kernel - 1] = load_tile(xv.row(b, t) + c0, width);
-                    vf acc = bv;
-                    for (int64_t j = 0; j < kernel; j++) acc += window[j] * weights[j];
-                    const vf out = vsilu(acc);
-                    store_tile(yv.row(b, t) + c0, out, width);
-                }
-                for (int64_t j = 0; j < kernel; j++)
-                    for (int64_t c = 0; c < width; c++) st[(b * dim + c0 + c) * kernel + j] = static_cast<scalar_t>(window[j][c]);
-            }
-        });
+        auto run = [&](auto taps) {  // the kernel size when known at compile time (2..4), else 0
+            at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+                for (int64_t i = begin; i < end; i++)
+                    conv_tile<decltype(taps)::value>(i / tiles, (i % tiles) * kTile, length, dim, kernel, xv, wp, bp, st, yv);
+            });
+        };
+        switch (kernel) {
+            case 2: run(std::integral_constant<int, 2>()); break;
+            case 3: run(std::integral_constant<int, 3>()); break;
+            case 4: run(std::integral_constant<int, 4>()); break;
+            default: run(std::integral_constant<int, 0>()); break;
+        }
     });
     return y;
 }
