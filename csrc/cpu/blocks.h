@@ -94,18 +94,24 @@ void add_rms_norm_range(const T* x, const R* residual, const T* weight, T* out, 
                         int64_t end) {
     for (int64_t row = begin; row < end; row++) {
         const T* xr = x + row * h;
+        const R* rr = residual != nullptr ? residual + row * h : nullptr;
         R* sr = res_out + row * h;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < h; i++) {
-            const float sum = residual != nullptr ? static_cast<float>(residual[row * h + i]) + static_cast<float>(xr[i]) : static_cast<float>(xr[i]);
-            sr[i] = static_cast<R>(sum);
-            const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
-            ss += v * v;
+        T* orow = out + row * h;
+        // s' as the norm reads it: T(s) when cast_input, s (already rounded to R) otherwise
+        auto normed_input = [&](vf s) { return cast_input ? round_as<T>(s) : s; };
+        vf ssv = {};
+        for (int64_t i = 0; i < h; i += kLanes) {  // 16 lanes at a time; the sum of squares in 16 partial sums
+            const int64_t w = std::min(kLanes, h - i);
+            const vf s = round_as<R>(rr != nullptr ? load_tile(rr + i, w) + load_tile(xr + i, w) : load_tile(xr + i, w));
+            store_tile(sr + i, s, w);
+            const vf v = normed_input(s);
+            ssv += v * v;
         }
-        const float scale = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
-        for (int64_t i = 0; i < h; i++) {
-            const float v = cast_input ? static_cast<float>(static_cast<T>(static_cast<float>(sr[i]))) : static_cast<float>(sr[i]);
-            out[row * h + i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(static_cast<T>(v * scale)));
+        const float scale = 1.0f / std::sqrt(hsum(ssv) / static_cast<float>(h) + eps);
+        for (int64_t i = 0; i < h; i += kLanes) {
+            const int64_t w = std::min(kLanes, h - i);
+            const vf v = normed_input(load_tile(sr + i, w));
+            store_tile(orow + i, load_tile(weight + i, w) * round_as<T>(v * scale), w);
         }
     }
 }

@@ -204,14 +204,38 @@ inline vf load_tile(const T* p, int64_t width) {
     return v;
 }
 
-// Store the first `width` lanes of v (rounded to T).
+// v rounded to T's precision, as static_cast<T> rounds (bf16: to nearest even, NaN kept), as floats.
+template <typename T>
+inline vf round_as(vf v) {
+    if constexpr (std::is_same_v<T, float>) {
+        return v;
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {  // c10's round_to_nearest_even, on 16 lanes
+        typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+        const vu bits = reinterpret_cast<const vu&>(v);
+        const vu rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) & 0xffff0000u;
+        const vu out = v != v ? vu{} + 0x7fc00000u : rounded;
+        return reinterpret_cast<const vf&>(out);
+    } else {
+        for (int64_t c = 0; c < kLanes; c++) v[c] = static_cast<float>(static_cast<T>(v[c]));
+        return v;
+    }
+}
+
+// Store the first `width` lanes of v (rounded to T): whole vectors of float32 and bf16 without a
+// scalar conversion per lane.
 template <typename T>
 inline void store_tile(T* p, vf v, int64_t width) {
-    if constexpr (std::is_same_v<T, float>) {
-        if (width == kLanes) {
+    if (width == kLanes && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
+        if constexpr (std::is_same_v<T, float>) {
             std::memcpy(p, &v, sizeof(v));
-            return;
+        } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+            typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+            typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+            const vf r = round_as<T>(v);
+            const vh top = __builtin_convertvector(reinterpret_cast<const vu&>(r) >> 16, vh);  // the bf16 is the top half
+            std::memcpy(p, &top, sizeof(top));
         }
+        return;
     }
     for (int64_t c = 0; c < width; c++) p[c] = static_cast<T>(v[c]);
 }
