@@ -18,12 +18,14 @@ constexpr int64_t kLanes = 16;
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
+constexpr float kLog2e = 1.44269504088896341f;
+
 // exp(x) for 16 lanes: Cephes expf's range reduction and polynomial (about 1 ulp).
 inline vf vexp(vf x) {
     const vf lo = vf{} - 87.3f, hi = vf{} + 88.3f, magic = vf{} + 12582912.0f;  // 1.5 * 2^23 rounds to nearest
     x = x < lo ? lo : x;
     x = x > hi ? hi : x;
-    const vf n = (x * 1.44269504088896341f + magic) - magic;
+    const vf n = (x * kLog2e + magic) - magic;
     const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2, two-part constant
     vf p = vf{} + 1.9875691500e-4f;  // exp(r) ~ 1 + r + r^2 p(r) for |r| <= ln(2) / 2
     p = p * r + 1.3981999507e-3f;
@@ -35,8 +37,6 @@ inline vf vexp(vf x) {
     const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
     return p * reinterpret_cast<const vf&>(bits);
 }
-
-constexpr float kLog2e = 1.44269504088896341f;
 
 // 2^x for x in [-125, 126] (the caller clamps): k = round(x) by the 1.5 * 2^23 shift, 2^f for
 // f = x - k in [-1/2, 1/2] by a polynomial, and 2^k by adding k << 23 to its bits (the shift's low
@@ -68,6 +68,7 @@ inline vf vexp2_clamped(vf x) {
     return reinterpret_cast<const vf&>(bits);
 }
 
+// max(x, lo) per lane: one instruction with AVX-512 (GCC's generic select takes a compare and a blend).
 inline vf vmax(vf x, float lo) {
 #ifdef __AVX512F__
     return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(lo)));
