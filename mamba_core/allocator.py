@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 _MMAP_MAX = 32 << 20  # glibc's upper bound for the mmap threshold on 64-bit systems
-_done: bool | None = None
 
 
+@functools.cache
 def _libc():
-    """glibc through ctypes, or None (another OS or C library)."""
+    """glibc through ctypes, or None (another OS or C library); loaded once."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -30,15 +31,13 @@ def _libc():
         return None
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc to serve blocks up to 32 MB from its heap and never trim it (Linux only; a no-op
     elsewhere or when it refuses). Process-wide, so the CLI calls it, not the library's loaders.
     Returns whether the settings are in effect."""
-    global _done
-    if _done is None:
-        libc = _libc()
-        _done = libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    return _done
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def release_freed_memory() -> None:

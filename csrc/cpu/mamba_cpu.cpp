@@ -136,12 +136,11 @@ torch::Tensor selective_scan(torch::Tensor u, torch::Tensor delta, torch::Tensor
         auto run = [&](auto delta_zero) {
             using delta_t = decltype(delta_zero);
             const auto dv = view3<delta_t>(delta);
+            auto tile = nstate == 16 ? scan_tile<16, scalar_t, delta_t> : scan_tile<0, scalar_t, delta_t>;
             at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-                for (int64_t i = begin; i < end; i++) {
-                    auto tile = nstate == 16 ? scan_tile<16, scalar_t, delta_t> : scan_tile<0, scalar_t, delta_t>;
+                for (int64_t i = begin; i < end; i++)
                     tile(i / tiles, (i % tiles) * kTile, length, dim, nstate, uv, dv, bp, bv, cv, z.has_value() ? &zv : nullptr, A.data_ptr<float>(),
                          Dp, state.data_ptr<float>(), yv);
-                }
             });
         };
         if (delta.scalar_type() == torch::kFloat) run(0.0f); else run(scalar_t(0));
