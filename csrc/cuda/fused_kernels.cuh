@@ -82,32 +82,45 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(const T* x, 
     block_add_rms_norm(x + row * h, residual != nullptr ? residual + row * h : nullptr, weight, out + row * h, res_out + row * h, h, eps, cast_input);
 }
 
-// One causal conv step of channel c: shift the new input into the state (the last K inputs,
-// oldest first, at st) and return silu(bias + weights . window).
+// One channel of a causal conv step, in two halves so that its loads can be issued early: the
+// constructor loads the taps (weights and bias: constants, before the wait for the previous kernel)
+// and `load` the state's last K - 1 inputs (oldest first, at st); `step` shifts the new input in,
+// stores the state and returns silu(bias + taps . window).
 template <typename T, int K>
-__device__ __forceinline__ float conv_step(T* st, float input, const ConvArgs& a, int c) {
-    float win[K];
+struct ConvChannel {
+    float w[K], bias, win[K];
+    __device__ __forceinline__ ConvChannel(const ConvArgs& a, int c) {
 #pragma unroll
-    for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
-    win[K - 1] = input;
-    float acc = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
+        for (int j = 0; j < K; j++) w[j] = to_f(static_cast<const T*>(a.w)[(int64_t)c * K + j]);
+        bias = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
+    }
+    __device__ __forceinline__ void load(const T* st) {
 #pragma unroll
-    for (int j = 0; j < K; j++) acc += win[j] * to_f(static_cast<const T*>(a.w)[(int64_t)c * K + j]);
+        for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
+    }
+    __device__ __forceinline__ float step(T* st, float input) {
+        win[K - 1] = input;
+        float acc = bias;
 #pragma unroll
-    for (int j = 0; j < K; j++) st[j] = from_f<T>(win[j]);
-    return silu(acc);
-}
+        for (int j = 0; j < K; j++) acc += win[j] * w[j];
+#pragma unroll
+        for (int j = 0; j < K; j++) st[j] = from_f<T>(win[j]);
+        return silu(acc);
+    }
+};
 
 // One decode step of the causal conv for a batch: a thread per (batch, channel).
 template <typename T, int K>
 __global__ void conv_step_kernel(ConvArgs a) {
+    const int b = blockIdx.x, c = min(blockIdx.y * blockDim.x + threadIdx.x, a.dim - 1);
     start_next_early();
+    ConvChannel<T, K> chan(a, c);
     wait_for_previous();
-    const int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= a.dim) return;
+    if (blockIdx.y * blockDim.x + threadIdx.x >= a.dim) return;
     const T* x = static_cast<const T*>(a.x) + b * a.x_sb;
     T* st = static_cast<T*>(a.state) + ((int64_t)b * a.dim + c) * K;
-    static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>(conv_step<T, K>(st, to_f(x[c]), a, c));
+    chan.load(st);
+    static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>(chan.step(st, to_f(x[c])));
 }
 
 struct StepArgs {
@@ -142,6 +155,10 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const float bias = a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f;
     const float Dc = a.D ? a.D[c] : 0.0f;
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
+    constexpr int kHeld = 16;  // dt_weight entries per lane held in registers (rank <= 16 L)
+    float wv[kHeld];
+#pragma unroll
+    for (int i = 0; i < kHeld; i++) wv[i] = lane + i * L < a.rank ? to_f(w[lane + i * L]) : 0.0f;
     wait_for_previous();
     float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
     const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
@@ -156,9 +173,13 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
     const float zv = a.z ? to_f(static_cast<const T*>(a.z)[b * a.z_sb + c]) : 0.0f;
     const T* dl = static_cast<const T*>(a.dt_low) + b * a.dl_sb;
+    float dv[kHeld];
+#pragma unroll
+    for (int i = 0; i < kHeld; i++) dv[i] = lane + i * L < a.rank ? to_f(dl[lane + i * L]) : 0.0f;  // all in flight together
     float acc = 0.0f;
-#pragma unroll 8
-    for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // unrolled: 8 loads in flight, not 1
+#pragma unroll
+    for (int i = 0; i < kHeld; i++) acc += dv[i] * wv[i];
+    for (int j = lane + kHeld * L; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // larger ranks
 #pragma unroll
     for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, L);
     const float dt = softplus_for<T>(to_f(from_f<T>(acc)) + bias);  // the prefill scan's numerics
@@ -181,22 +202,54 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     }
 }
 
-// x . w over k elements by one warp (16-byte loads, float32 accumulation), the sum in every lane.
-// Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned x and w (checked by the callers).
+// A warp's 16-byte pieces of a row of k elements: lane i takes pieces i, i + 32, ... Decoding's
+// products hold the first kHeldPieces of each weight row in registers, loaded before the wait for
+// the previous kernel (bf16 rows up to 2,048 elements, float32 up to 1,024, whole), so that after
+// it only x is loaded: one round trip to L2 on the chain's critical path instead of two or three.
+constexpr int kHeldPieces = 8;
+
 template <typename T>
-__device__ __forceinline__ float warp_dot(const T* x, const T* w, int k) {
-    constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
+__device__ __forceinline__ void load_pieces(const T* p, int k, uint4 (&r)[kHeldPieces]) {
+    constexpr int V = 16 / sizeof(T);  // elements per piece
     const int lane = threadIdx.x % 32;
-    float acc = 0.0f;
-#pragma unroll 4
-    for (int i = lane * V; i < k; i += 32 * V) {  // unrolled: several loads in flight per lane
-        const uint4 wv = *reinterpret_cast<const uint4*>(w + i);
-        const uint4 xv = *reinterpret_cast<const uint4*>(x + i);
-        const T* wp = reinterpret_cast<const T*>(&wv);
-        const T* xp = reinterpret_cast<const T*>(&xv);
 #pragma unroll
-        for (int j = 0; j < V; j++) acc += to_f(xp[j]) * to_f(wp[j]);
+    for (int j = 0; j < kHeldPieces; j++) {
+        const int i = (lane + 32 * j) * V;
+        r[j] = i < k ? *reinterpret_cast<const uint4*>(p + i) : make_uint4(0, 0, 0, 0);
     }
+}
+
+// Before the wait: the row's held pieces into registers, the rest of a longer row into L2.
+template <typename T>
+__device__ __forceinline__ void hold_row(const T* w, int k, uint4 (&held)[kHeldPieces]) {
+    constexpr int kHeld = kHeldPieces * 32 * (16 / static_cast<int>(sizeof(T)));
+    load_pieces(w, k, held);
+    if (k > kHeld) prefetch_l2(w + kHeld, (int64_t)(k - kHeld) * sizeof(T));
+}
+
+template <typename T>
+__device__ __forceinline__ float dot_piece(const uint4& a, const uint4& b, float acc) {
+    const T* ap = reinterpret_cast<const T*>(&a);
+    const T* bp = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int j = 0; j < 16 / static_cast<int>(sizeof(T)); j++) acc += to_f(ap[j]) * to_f(bp[j]);
+    return acc;
+}
+
+// x . w over k elements by one warp (float32 accumulation), the sum in every lane; `held` is
+// hold_row(w, k). Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned x and w (checked by the
+// callers).
+template <typename T>
+__device__ __forceinline__ float warp_dot(const T* x, const uint4 (&held)[kHeldPieces], const T* w, int k) {
+    constexpr int V = 16 / sizeof(T);
+    uint4 xs[kHeldPieces];
+    load_pieces(x, k, xs);  // all in flight together
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kHeldPieces; j++) acc = dot_piece<T>(xs[j], held[j], acc);
+#pragma unroll 4
+    for (int i = (threadIdx.x % 32 + 32 * kHeldPieces) * V; i < k; i += 32 * V)  // rows longer than the held part
+        acc = dot_piece<T>(*reinterpret_cast<const uint4*>(x + i), *reinterpret_cast<const uint4*>(w + i), acc);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off);
     return acc;
@@ -206,13 +259,15 @@ __device__ __forceinline__ float warp_dot(const T* x, const T* w, int k) {
 // matrix-vector products (cuBLAS picks GEMM tilings that read these small matrices slowly).
 template <typename T>
 __global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const T* bias, T* y, int n, int k) {
-    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int row = min((blockIdx.x * blockDim.x + threadIdx.x) / 32, n - 1);  // surplus warps repeat the last row, unstored
+    const T* w_row = w + (int64_t)row * k;
     start_next_early();
-    if (row < n) prefetch_l2(w + (int64_t)row * k, (int64_t)k * sizeof(T));  // the row, while the previous kernel runs
+    uint4 held[kHeldPieces];
+    hold_row(w_row, k, held);  // while the previous kernel runs
+    const float b = bias ? to_f(bias[row]) : 0.0f;
     wait_for_previous();
-    if (row >= n) return;  // whole warps only
-    const float acc = warp_dot(x, w + (int64_t)row * k, k);
-    if (threadIdx.x % 32 == 0) y[row] = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
+    const float acc = warp_dot(x, held, w_row, k);
+    if (threadIdx.x % 32 == 0 && (blockIdx.x * blockDim.x + threadIdx.x) / 32 < n) y[row] = from_f<T>(acc + b);
 }
 
 // A decoded token's add + RMSNorm, in_proj and conv step in one kernel: every block first computes
@@ -225,22 +280,27 @@ __global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T
                                                                          const T* w, const T* bias, ConvArgs conv, T* z, int k) {
     extern __shared__ __align__(16) unsigned char smem[];
     T* normed = reinterpret_cast<T*>(smem);  // (k,)
-    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int row = min((blockIdx.x * blockDim.x + threadIdx.x) / 32, 2 * conv.dim - 1);  // surplus warps repeat the last row
+    const T* w_row = w + (int64_t)row * k;
+    const int channel = min(row, conv.dim - 1);  // of the conv, for rows of x
     start_next_early();
-    if (row < 2 * conv.dim) prefetch_l2(w + (int64_t)row * k, (int64_t)k * sizeof(T));
+    uint4 held[kHeldPieces];
+    hold_row(w_row, k, held);  // while the previous kernel runs
+    ConvChannel<T, K> chan(conv, channel);
     wait_for_previous();
+    T* st = static_cast<T*>(conv.state) + (int64_t)channel * K;
+    if (row < conv.dim && threadIdx.x % 32 == 0) chan.load(st);  // in flight during the norm
     block_add_rms_norm(x, residual, norm_w, normed, blockIdx.x == 0 ? res_out : nullptr, k, eps, true);
     __syncthreads();
-    if (row >= 2 * conv.dim) return;
-    const float acc = warp_dot(normed, w + (int64_t)row * k, k);
+    if ((blockIdx.x * blockDim.x + threadIdx.x) / 32 >= 2 * conv.dim) return;
+    const float acc = warp_dot(normed, held, w_row, k);
     if (threadIdx.x % 32 != 0) return;
     const T v = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
     if (row >= conv.dim) {
         z[row - conv.dim] = v;
         return;
     }
-    T* st = static_cast<T*>(conv.state) + (int64_t)row * K;
-    static_cast<T*>(conv.y)[row] = from_f<T>(conv_step<T, K>(st, to_f(v), conv, row));
+    static_cast<T*>(conv.y)[row] = from_f<T>(chan.step(st, to_f(v)));
 }
 
 }  // namespace mamba

@@ -7,13 +7,24 @@
 
 namespace mamba {
 
+// The scan's compile-time shape; benchmarks/scan_variants.py builds other values to compare.
 #ifndef MAMBA_SCAN_SPLIT
-#define MAMBA_SCAN_SPLIT 4  // benchmarks/scan_variants.py builds other values to compare
+#define MAMBA_SCAN_SPLIT 4
+#endif
+#ifndef MAMBA_SCAN_THREADS
+#define MAMBA_SCAN_THREADS 128
+#endif
+#ifndef MAMBA_SCAN_CHUNK
+#define MAMBA_SCAN_CHUNK 32
+#endif
+#ifndef MAMBA_SCAN_BLOCKS
+#define MAMBA_SCAN_BLOCKS 4
 #endif
 constexpr int kSplit = MAMBA_SCAN_SPLIT;  // adjacent lanes per channel, each holding n / kSplit of its states
-constexpr int kThreads = 128;  // threads per block
+constexpr int kThreads = MAMBA_SCAN_THREADS;  // threads per block
 constexpr int kChannels = kThreads / kSplit;  // channels per block
-constexpr int kChunk = 32;     // time steps staged in shared memory at once
+constexpr int kChunk = MAMBA_SCAN_CHUNK;  // time steps staged in shared memory at once
+constexpr int kMinBlocks = MAMBA_SCAN_BLOCKS;  // blocks per SM the registers must allow
 static_assert((kSplit & (kSplit - 1)) == 0 && kSplit <= 32 && kChunk % kSplit == 0, "kSplit: a power of two dividing kChunk");
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -156,7 +167,7 @@ __device__ __forceinline__ void load_tile(const T* p, int64_t sl, int t0, int le
 // then walks the steps with its states in registers, and every kSplit steps the lanes of a channel
 // reduce-scatter their partial outputs, so that each lane finishes and writes one step's output.
 template <typename T, int MAXN>
-__global__ void __launch_bounds__(kThreads, 4) scan_kernel(ScanArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) scan_kernel(ScanArgs a) {
     constexpr int kWidth = kSplit * MAXN;  // padded state size
     constexpr int kLoadsBC = tile_loads(kWidth);
     constexpr int kLoadsU = tile_loads(kChannels);
