@@ -155,10 +155,6 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const float bias = a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f;
     const float Dc = a.D ? a.D[c] : 0.0f;
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
-    constexpr int kHeld = 16;  // dt_weight entries per lane held in registers (rank <= 16 L)
-    float wv[kHeld];
-#pragma unroll
-    for (int i = 0; i < kHeld; i++) wv[i] = lane + i * L < a.rank ? to_f(w[lane + i * L]) : 0.0f;
     wait_for_previous();
     float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
     const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
@@ -173,13 +169,9 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
     const float zv = a.z ? to_f(static_cast<const T*>(a.z)[b * a.z_sb + c]) : 0.0f;
     const T* dl = static_cast<const T*>(a.dt_low) + b * a.dl_sb;
-    float dv[kHeld];
-#pragma unroll
-    for (int i = 0; i < kHeld; i++) dv[i] = lane + i * L < a.rank ? to_f(dl[lane + i * L]) : 0.0f;  // all in flight together
     float acc = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kHeld; i++) acc += dv[i] * wv[i];
-    for (int j = lane + kHeld * L; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // larger ranks
+#pragma unroll 8
+    for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // unrolled: 8 loads in flight, not 1
 #pragma unroll
     for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, L);
     const float dt = softplus_for<T>(to_f(from_f<T>(acc)) + bias);  // the prefill scan's numerics
@@ -203,27 +195,31 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
 }
 
 // A warp's 16-byte pieces of a row of k elements: lane i takes pieces i, i + 32, ... Decoding's
-// products hold the first kHeldPieces of each weight row in registers, loaded before the wait for
-// the previous kernel (bf16 rows up to 2,048 elements, float32 up to 1,024, whole), so that after
-// it only x is loaded: one round trip to L2 on the chain's critical path instead of two or three.
+// products with small grids hold each weight row in registers (H = kHeldPieces pieces per lane:
+// bf16 rows up to 2,048 elements, float32 up to 1,024), loaded before the wait for the previous
+// kernel, so that after it only x is loaded: one round trip to L2 on the chain's critical path
+// instead of two. It costs registers (30 -> 56 for the GEMV), so grids of more than one wave of
+// blocks, whose later blocks cannot load early anyway, take H = 0: the row is only prefetched
+// into L2, and loaded with x after the wait.
 constexpr int kHeldPieces = 8;
+constexpr int kHeldRows = 4096;  // at most this many rows (a wave of 4 blocks of 8 warps per SM)
 
-template <typename T>
-__device__ __forceinline__ void load_pieces(const T* p, int k, uint4 (&r)[kHeldPieces]) {
+template <int H, typename T>
+__device__ __forceinline__ void load_pieces(const T* p, int k, uint4* r) {  // r: H registers (unrolled indices)
     constexpr int V = 16 / sizeof(T);  // elements per piece
     const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int j = 0; j < kHeldPieces; j++) {
+    for (int j = 0; j < H; j++) {
         const int i = (lane + 32 * j) * V;
         r[j] = i < k ? *reinterpret_cast<const uint4*>(p + i) : make_uint4(0, 0, 0, 0);
     }
 }
 
-// Before the wait: the row's held pieces into registers, the rest of a longer row into L2.
-template <typename T>
-__device__ __forceinline__ void hold_row(const T* w, int k, uint4 (&held)[kHeldPieces]) {
-    constexpr int kHeld = kHeldPieces * 32 * (16 / static_cast<int>(sizeof(T)));
-    load_pieces(w, k, held);
+// Before the wait: the row's first H pieces per lane into registers, the rest into L2.
+template <int H, typename T>
+__device__ __forceinline__ void hold_row(const T* w, int k, uint4* held) {
+    constexpr int kHeld = H * 32 * (16 / static_cast<int>(sizeof(T)));
+    load_pieces<H>(w, k, held);
     if (k > kHeld) prefetch_l2(w + kHeld, (int64_t)(k - kHeld) * sizeof(T));
 }
 
@@ -239,16 +235,16 @@ __device__ __forceinline__ float dot_piece(const uint4& a, const uint4& b, float
 // x . w over k elements by one warp (float32 accumulation), the sum in every lane; `held` is
 // hold_row(w, k). Needs k % (16 / sizeof(T)) == 0 and 16-byte aligned x and w (checked by the
 // callers).
-template <typename T>
-__device__ __forceinline__ float warp_dot(const T* x, const uint4 (&held)[kHeldPieces], const T* w, int k) {
+template <int H, typename T>
+__device__ __forceinline__ float warp_dot(const T* x, const uint4* held, const T* w, int k) {
     constexpr int V = 16 / sizeof(T);
-    uint4 xs[kHeldPieces];
-    load_pieces(x, k, xs);  // all in flight together
+    uint4 xs[H > 0 ? H : 1];
+    load_pieces<H>(x, k, xs);  // all in flight together
     float acc = 0.0f;
 #pragma unroll
-    for (int j = 0; j < kHeldPieces; j++) acc = dot_piece<T>(xs[j], held[j], acc);
+    for (int j = 0; j < H; j++) acc = dot_piece<T>(xs[j], held[j], acc);
 #pragma unroll 4
-    for (int i = (threadIdx.x % 32 + 32 * kHeldPieces) * V; i < k; i += 32 * V)  // rows longer than the held part
+    for (int i = (threadIdx.x % 32 + 32 * H) * V; i < k; i += 32 * V)  // what is not held: several loads in flight per lane
         acc = dot_piece<T>(*reinterpret_cast<const uint4*>(x + i), *reinterpret_cast<const uint4*>(w + i), acc);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off);
@@ -257,16 +253,16 @@ __device__ __forceinline__ float warp_dot(const T* x, const uint4 (&held)[kHeldP
 
 // y (n,) = w (n, k) @ x (k,) (+ bias), rounded once to T: one warp per output row. Decoding's
 // matrix-vector products (cuBLAS picks GEMM tilings that read these small matrices slowly).
-template <typename T>
+template <typename T, int H>
 __global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const T* bias, T* y, int n, int k) {
     const int row = min((blockIdx.x * blockDim.x + threadIdx.x) / 32, n - 1);  // surplus warps repeat the last row, unstored
     const T* w_row = w + (int64_t)row * k;
     start_next_early();
-    uint4 held[kHeldPieces];
-    hold_row(w_row, k, held);  // while the previous kernel runs
+    uint4 held[H > 0 ? H : 1];
+    hold_row<H>(w_row, k, held);  // while the previous kernel runs
     const float b = bias ? to_f(bias[row]) : 0.0f;
     wait_for_previous();
-    const float acc = warp_dot(x, held, w_row, k);
+    const float acc = warp_dot<H>(x, held, w_row, k);
     if (threadIdx.x % 32 == 0 && (blockIdx.x * blockDim.x + threadIdx.x) / 32 < n) y[row] = from_f<T>(acc + b);
 }
 
@@ -275,7 +271,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const
 // then rows [0, d) of w give x, whose channel c goes straight through the causal conv step (the
 // conv is channel-local: the warp that computed x_c updates conv state c and writes silu(conv));
 // rows [d, 2d) give z. x_c is rounded to T before the conv, as the unfused path stores it.
-template <typename T, typename R, int K>
+template <typename T, typename R, int K, int H>
 __global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T* x, const R* residual, const T* norm_w, R* res_out, float eps,
                                                                          const T* w, const T* bias, ConvArgs conv, T* z, int k) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -284,8 +280,8 @@ __global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T
     const T* w_row = w + (int64_t)row * k;
     const int channel = min(row, conv.dim - 1);  // of the conv, for rows of x
     start_next_early();
-    uint4 held[kHeldPieces];
-    hold_row(w_row, k, held);  // while the previous kernel runs
+    uint4 held[H > 0 ? H : 1];
+    hold_row<H>(w_row, k, held);  // while the previous kernel runs
     ConvChannel<T, K> chan(conv, channel);
     wait_for_previous();
     T* st = static_cast<T*>(conv.state) + (int64_t)channel * K;
@@ -293,7 +289,7 @@ __global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T
     block_add_rms_norm(x, residual, norm_w, normed, blockIdx.x == 0 ? res_out : nullptr, k, eps, true);
     __syncthreads();
     if ((blockIdx.x * blockDim.x + threadIdx.x) / 32 >= 2 * conv.dim) return;
-    const float acc = warp_dot(normed, held, w_row, k);
+    const float acc = warp_dot<H>(normed, held, w_row, k);
     if (threadIdx.x % 32 != 0) return;
     const T v = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
     if (row >= conv.dim) {

@@ -231,6 +231,11 @@ void check_row(const torch::Tensor& x, const torch::Tensor& weight) {
                 "one-row kernels: x one contiguous row, weight (n, k) contiguous in x's dtype, k a multiple of ", vec, ", 16-byte aligned");
 }
 
+// Whether a one-row product of n rows of k elements holds its weight rows in registers before
+// its wait (fused_kernels.cuh, kHeldPieces): whole rows, and a grid of at most one wave.
+template <typename T>
+bool held_rows(int64_t n, int64_t k) { return n <= kHeldRows && k <= kHeldPieces * 32 * (16 / static_cast<int64_t>(sizeof(T))); }
+
 // y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for one row of x.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
     check_row(x, weight);
@@ -243,7 +248,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(x.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        launch_early(gemv_kernel<T>, (n * 32 + 255) / 256, 256, 0, stream, true, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
+        auto kernel = held_rows<T>(n, k) ? gemv_kernel<T, kHeldPieces> : gemv_kernel<T, 0>;
+        launch_early(kernel, (n * 32 + 255) / 256, 256, 0, stream, true, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
                      bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()), static_cast<int>(n),
                      static_cast<int>(k));
     });
@@ -321,7 +327,9 @@ std::vector<torch::Tensor> norm_in_proj_conv_step(torch::Tensor x, c10::optional
         const size_t smem = h * sizeof(T);  // the block's copy of the normed row
         auto launch = [&](auto rzero, auto k) {
             using R = decltype(rzero);
-            launch_early(norm_in_proj_conv_kernel<T, R, decltype(k)::value>, blocks, kNormThreads, smem, stream, true, static_cast<const T*>(t.x.data_ptr()),
+            constexpr int K = decltype(k)::value;
+            auto kernel = held_rows<T>(2 * dim, h) ? norm_in_proj_conv_kernel<T, R, K, kHeldPieces> : norm_in_proj_conv_kernel<T, R, K, 0>;
+            launch_early(kernel, blocks, kNormThreads, smem, stream, true, static_cast<const T*>(t.x.data_ptr()),
                          t.residual.defined() ? static_cast<const R*>(t.residual.data_ptr()) : nullptr, static_cast<const T*>(t.weight.data_ptr()),
                          static_cast<R*>(t.res_out.data_ptr()), static_cast<float>(eps), static_cast<const T*>(weight.data_ptr()),
                          bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr, conv, static_cast<T*>(z.data_ptr()), static_cast<int>(h));
