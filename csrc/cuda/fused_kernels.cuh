@@ -82,19 +82,19 @@ __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(const T* x, 
     block_add_rms_norm(x + row * h, residual != nullptr ? residual + row * h : nullptr, weight, out + row * h, res_out + row * h, h, eps, cast_input);
 }
 
-// One channel of a causal conv step, in two halves so that its loads can be issued early: the
-// constructor loads the taps (weights and bias: constants, before the wait for the previous kernel)
-// and `load` the state's last K - 1 inputs (oldest first, at st); `step` shifts the new input in,
+// One channel of a causal conv step, its loads in parts so that they can be issued early:
+// `load_taps` the weights and bias (constants: loadable before the wait for the previous kernel),
+// `load_state` the state's last K - 1 inputs (oldest first, at st); `step` shifts the new input in,
 // stores the state and returns silu(bias + taps . window).
 template <typename T, int K>
 struct ConvChannel {
     float w[K], bias, win[K];
-    __device__ __forceinline__ ConvChannel(const ConvArgs& a, int c) {
+    __device__ __forceinline__ void load_taps(const ConvArgs& a, int c) {
 #pragma unroll
         for (int j = 0; j < K; j++) w[j] = to_f(static_cast<const T*>(a.w)[(int64_t)c * K + j]);
         bias = a.bias ? to_f(static_cast<const T*>(a.bias)[c]) : 0.0f;
     }
-    __device__ __forceinline__ void load(const T* st) {
+    __device__ __forceinline__ void load_state(const T* st) {
 #pragma unroll
         for (int j = 0; j + 1 < K; j++) win[j] = to_f(st[j + 1]);
     }
@@ -114,12 +114,13 @@ template <typename T, int K>
 __global__ void conv_step_kernel(ConvArgs a) {
     const int b = blockIdx.x, c = min(blockIdx.y * blockDim.x + threadIdx.x, a.dim - 1);
     start_next_early();
-    ConvChannel<T, K> chan(a, c);
+    ConvChannel<T, K> chan;
+    chan.load_taps(a, c);
     wait_for_previous();
     if (blockIdx.y * blockDim.x + threadIdx.x >= a.dim) return;
     const T* x = static_cast<const T*>(a.x) + b * a.x_sb;
     T* st = static_cast<T*>(a.state) + ((int64_t)b * a.dim + c) * K;
-    chan.load(st);
+    chan.load_state(st);
     static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>(chan.step(st, to_f(x[c])));
 }
 
@@ -244,8 +245,11 @@ __device__ __forceinline__ float warp_dot(const T* x, const uint4* held, const T
 #pragma unroll
     for (int j = 0; j < H; j++) acc = dot_piece<T>(xs[j], held[j], acc);
 #pragma unroll 4
-    for (int i = (threadIdx.x % 32 + 32 * H) * V; i < k; i += 32 * V)  // what is not held: several loads in flight per lane
-        acc = dot_piece<T>(*reinterpret_cast<const uint4*>(x + i), *reinterpret_cast<const uint4*>(w + i), acc);
+    for (int i = (threadIdx.x % 32 + 32 * H) * V; i < k; i += 32 * V) {  // what is not held: several loads in flight per lane
+        const uint4 xv = *reinterpret_cast<const uint4*>(x + i);  // copies: a reference into global memory would
+        const uint4 wv = *reinterpret_cast<const uint4*>(w + i);  // let the compiler load element by element
+        acc = dot_piece<T>(xv, wv, acc);
+    }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off);
     return acc;
@@ -276,25 +280,31 @@ __global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T
                                                                          const T* w, const T* bias, ConvArgs conv, T* z, int k) {
     extern __shared__ __align__(16) unsigned char smem[];
     T* normed = reinterpret_cast<T*>(smem);  // (k,)
-    const int row = min((blockIdx.x * blockDim.x + threadIdx.x) / 32, 2 * conv.dim - 1);  // surplus warps repeat the last row
+    const int warp_row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int row = min(warp_row, 2 * conv.dim - 1);  // surplus warps repeat the last row
     const T* w_row = w + (int64_t)row * k;
-    const int channel = min(row, conv.dim - 1);  // of the conv, for rows of x
+    const bool conv_lane = warp_row < conv.dim && threadIdx.x % 32 == 0;  // runs channel row's conv step
+    T* st = static_cast<T*>(conv.state) + (int64_t)row * K;
+    ConvChannel<T, K> chan;
     start_next_early();
     uint4 held[H > 0 ? H : 1];
     hold_row<H>(w_row, k, held);  // while the previous kernel runs
-    ConvChannel<T, K> chan(conv, channel);
+    if (H > 0 && conv_lane) chan.load_taps(conv, row);  // one-wave grids: all blocks are resident, loading early
     wait_for_previous();
-    T* st = static_cast<T*>(conv.state) + (int64_t)channel * K;
-    if (row < conv.dim && threadIdx.x % 32 == 0) chan.load(st);  // in flight during the norm
+    if (H > 0 && conv_lane) chan.load_state(st);  // in flight during the norm
     block_add_rms_norm(x, residual, norm_w, normed, blockIdx.x == 0 ? res_out : nullptr, k, eps, true);
     __syncthreads();
-    if ((blockIdx.x * blockDim.x + threadIdx.x) / 32 >= 2 * conv.dim) return;
+    if (warp_row >= 2 * conv.dim) return;
     const float acc = warp_dot<H>(normed, held, w_row, k);
     if (threadIdx.x % 32 != 0) return;
     const T v = from_f<T>(acc + (bias ? to_f(bias[row]) : 0.0f));
     if (row >= conv.dim) {
         z[row - conv.dim] = v;
         return;
+    }
+    if constexpr (H == 0) {
+        chan.load_taps(conv, row);
+        chan.load_state(st);
     }
     static_cast<T*>(conv.y)[row] = from_f<T>(chan.step(st, to_f(v)));
 }
