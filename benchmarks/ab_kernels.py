@@ -5,8 +5,8 @@
 
 Every build (the --old source trees, then this checkout's) drives the same model (random weights,
 bf16) through `model.use_ops`, and each case runs as `mamba bench` runs it (CUDA graphs, 128 tokens
-per repetition), the builds alternating `--rounds` times, so that a drift of the machine shows up
-in every column instead of as a difference. The change is the last column against the first.
+per repetition), the builds alternating `--rounds` times in a rotating order, so that a drift of
+the machine shows up in every column instead of as a difference. The change is the last column against the first.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def main() -> None:
         model = load_model(config, dtype="bfloat16", device="cuda", random_if_no_weights=True).model
         for batch in (int(b) for b in args.batch.split(",")):
             ms = {name: [] for name in builds}
-            for _ in range(args.rounds):
-                for name, ops in builds.items():
+            order = list(builds.items())
+            for r in range(args.rounds):
+                for name, ops in order[r % len(order):] + order[: r % len(order)]:  # rotated: no build always runs first
                     model.use_ops(ops)
                     ms[name].append(run_case(model, BenchCase(batch, n_gen=args.gen), 1)["ms_per_token"])
             medians = [statistics.median(times) for times in ms.values()]
