@@ -133,8 +133,11 @@ def test_decode_step_matches_float64(kernels, n, dtype, b, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, n, k, bias", [(1, 3072, 768, False), (3, 80, 1536, False), (8, 769, 64, True), (1, 50280, 768, False)])
+@pytest.mark.parametrize("rows, n, k, bias", [(1, 3072, 768, False), (3, 80, 1536, False), (8, 769, 64, True), (1, 50280, 768, False),
+                                             (1, 160, 4096, True)])
 def test_gemv_matches_float64(kernels, dtype, rows, n, k, bias):
+    """One row (several rows go to the other product kernels): weight rows held in registers (small
+    grids of whole rows) or only prefetched (50,280 rows; rows of 4,096)."""
     g = torch.Generator(device="cuda").manual_seed(n)
     x = torch.randn(rows, 1, k, device="cuda", generator=g).to(dtype)
     w = torch.randn(n, k, device="cuda", generator=g).to(dtype)
@@ -168,11 +171,12 @@ def test_rows_gemm_matches_float64(kernels, dtype, rows, n, k, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kernel, bias, residual", [(4, True, "fp32"), (3, False, None), (2, True, "model"), (4, False, "model")])
-def test_norm_in_proj_conv_step_matches_torch(kernels, dtype, kernel, bias, residual):
+@pytest.mark.parametrize("h, d", [(768, 1536), (512, 2560)])
+def test_norm_in_proj_conv_step_matches_torch(kernels, dtype, kernel, bias, residual, h, d):
     """The fused add + RMSNorm + in_proj + conv step of one token against the torch ops, for a first
-    block (no residual) and float32 or model-dtype residual streams."""
+    block (no residual) and float32 or model-dtype residual streams; 2d = 3,072 rows hold their
+    weights in registers, 5,120 (more than one wave of blocks) only prefetch them."""
     g = torch.Generator(device="cuda").manual_seed(kernel)
-    h, d = 768, 1536
     x = torch.randn(1, 1, h, device="cuda", generator=g).to(dtype)
     res = None if residual is None else torch.randn(1, 1, h, device="cuda", generator=g).to(torch.float32 if residual == "fp32" else dtype)
     norm_w = (1 + torch.randn(h, device="cuda", generator=g) / 4).to(dtype)
