@@ -3,7 +3,8 @@
     python benchmarks/scan_variants.py --variants "split=4;split=8"
 
 A variant sets the kernel's compile-time knobs, key=value for -DMAMBA_SCAN_KEY=value (split: lanes
-sharing one channel's n states); each is compiled in parallel as its own extension, then timed on
+sharing one channel's n states; threads: per block; chunk: steps staged at once; blocks: per SM that
+the registers must allow); each is compiled in parallel as its own extension, then timed on
 batch 8 x 2048 x 1536 x 16 (bf16 and fp32), and its final state is checked against the float64
 recurrence on the same (rounded) inputs of a smaller shape. Prints a markdown table.
 """
