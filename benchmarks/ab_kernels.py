@@ -22,14 +22,6 @@ from mamba_core.benchmark import BenchCase, run_case
 from mamba_core.loading import load_model
 
 
-def build_old(csrc: Path):
-    """The CUDA module built from another source tree (cached like ours, by a hash of its sources)."""
-    major, minor = torch.cuda.get_device_capability()
-    sources = [csrc / "cuda" / "mamba_cuda.cu", *sorted((csrc / "cuda").glob("*.cuh")), csrc / "norm_tensors.h"]
-    return kernels._compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda} (A/B)", True,
-                            {"extra_cuda_cflags": ["-O3", "-std=c++17"], "extra_cflags": ["-O3"]}, label="the A/B build")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", type=Path, nargs="+", required=True, help="other csrc/ directories")
@@ -39,7 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     clusters = torch.cuda.get_device_capability()[0] >= 9
-    builds = {str(old): kernels.CudaKernelOps(build_old(old), clusters) for old in args.old}
+    builds = {str(old): kernels.CudaKernelOps(kernels.build_cuda(old), clusters) for old in args.old}
     builds["this checkout"] = kernels.CudaKernelOps(kernels.load_cuda(), clusters)
     print("| model | batch | " + " | ".join(f"{name} ms/token" for name in builds) + " | change |")
     print("|---|---:|" + "---:|" * (len(builds) + 1))

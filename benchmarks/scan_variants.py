@@ -13,34 +13,23 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
-from pathlib import Path
 
 import torch
 
+from mamba_core import kernels
 from mamba_core.ops.reference import sequential_scan
 from scan_microbench import bench
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 
-
-def _defines(variant: str) -> list[str]:
-    """'split=4,unroll=2' -> ['-DMAMBA_SCAN_SPLIT=4', '-DMAMBA_SCAN_UNROLL=2']."""
+def _defines(variant: str) -> tuple[str, ...]:
+    """'split=4,unroll=2' -> ('MAMBA_SCAN_SPLIT=4', 'MAMBA_SCAN_UNROLL=2')."""
     pairs = (item.split("=") for item in variant.split(",") if item)
-    return [f"-DMAMBA_SCAN_{key.strip().upper()}={value.strip()}" for key, value in pairs]
+    return tuple(f"MAMBA_SCAN_{key.strip().upper()}={value.strip()}" for key, value in pairs)
 
 
 def build(variant: str):
-    """The extension module compiled with the variant's settings (cached under $MAMBA_KERNEL_CACHE)."""
-    from torch.utils import cpp_extension
-
-    major, minor = torch.cuda.get_device_capability()
-    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-    name = "mamba_scan_" + "".join(ch if ch.isalnum() else "_" for ch in variant)
-    directory = Path(os.environ.get("MAMBA_KERNEL_CACHE", "/tmp/mamba-kernels")) / name
-    directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=name, sources=[str(CSRC / "mamba_cuda.cu")], build_directory=str(directory),
-                              extra_cuda_cflags=["-O3", "-std=c++17", *_defines(variant)], verbose=False)
+    """The extension module compiled with the variant's settings (cached as `mamba kernels build` caches)."""
+    return kernels.build_cuda(defines=_defines(variant))
 
 
 def _compile(variant: str) -> None:

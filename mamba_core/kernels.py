@@ -75,20 +75,22 @@ def load_cpu(build: bool = True):
 
 def load_cuda(build: bool = True):
     """The compiled CUDA module for the current GPU's architecture only. RuntimeError says why not."""
+    return _cached("cuda", lambda b: build_cuda(build=b), build)
 
-    def loader(b: bool):
-        if not torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available")
-        if torch.version.cuda is None:
-            raise RuntimeError("this torch build has no CUDA support")
-        major, minor = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # build for this GPU only: fast
-        sources = [CSRC / "cuda" / "mamba_cuda.cu", CSRC / "cuda" / "mamba_kernels.cuh", CSRC / "cuda" / "fused_kernels.cuh", CSRC / "cuda" / "rows_gemm.cuh",
-                   CSRC / "norm_tensors.h"]
-        return _compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda}", b,
-                        {"extra_cuda_cflags": ["-O3", "-std=c++17"], "extra_cflags": ["-O3"]}, label=f"sm_{major}{minor}")
 
-    return _cached("cuda", loader, build)
+def build_cuda(csrc: Path = CSRC, build: bool = True, defines: tuple[str, ...] = ()):
+    """The CUDA module built from the sources under `csrc` (this checkout's, or another tree's for an
+    A/B comparison), with extra `-D` defines (the benchmarks' variants), for the current GPU's
+    architecture only; cached by a hash of the sources and flags. RuntimeError says why not."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch build has no CUDA support")
+    major, minor = torch.cuda.get_device_capability()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # build for this GPU only: fast
+    sources = [csrc / "cuda" / "mamba_cuda.cu", *sorted((csrc / "cuda").glob("*.cuh")), csrc / "norm_tensors.h"]
+    flags = {"extra_cuda_cflags": ["-O3", "-std=c++17", *(f"-D{d}" for d in defines)], "extra_cflags": ["-O3"]}
+    return _compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda}", build, flags, label=f"sm_{major}{minor}")
 
 
 def _compile(kind: str, sources: list[Path], target: str, build: bool, flags: dict, label: str = "this CPU"):
