@@ -204,6 +204,8 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
 // into L2, and loaded with x after the wait.
 constexpr int kHeldPieces = 8;
 constexpr int kHeldRows = 4096;  // at most this many rows (a wave of 4 blocks of 8 warps per SM)
+template <typename T, int H = kHeldPieces>
+constexpr int held_elements() { return H * 32 * (16 / static_cast<int>(sizeof(T))); }  // of a row, by a warp
 
 template <int H, typename T>
 __device__ __forceinline__ void load_pieces(const T* p, int k, uint4* r) {  // r: H registers (unrolled indices)
@@ -219,7 +221,7 @@ __device__ __forceinline__ void load_pieces(const T* p, int k, uint4* r) {  // r
 // Before the wait: the row's first H pieces per lane into registers, the rest into L2.
 template <int H, typename T>
 __device__ __forceinline__ void hold_row(const T* w, int k, uint4* held) {
-    constexpr int kHeld = H * 32 * (16 / static_cast<int>(sizeof(T)));
+    constexpr int kHeld = held_elements<T, H>();
     load_pieces<H>(w, k, held);
     if (k > kHeld) prefetch_l2(w + kHeld, (int64_t)(k - kHeld) * sizeof(T));
 }

@@ -234,7 +234,7 @@ void check_row(const torch::Tensor& x, const torch::Tensor& weight) {
 // Whether a one-row product of n rows of k elements holds its weight rows in registers before
 // its wait (fused_kernels.cuh, kHeldPieces): whole rows, and a grid of at most one wave.
 template <typename T>
-bool held_rows(int64_t n, int64_t k) { return n <= kHeldRows && k <= kHeldPieces * 32 * (16 / static_cast<int64_t>(sizeof(T))); }
+bool held_rows(int64_t n, int64_t k) { return n <= kHeldRows && k <= held_elements<T>(); }
 
 // y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for one row of x.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
