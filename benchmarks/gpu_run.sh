@@ -24,6 +24,6 @@ python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 --backend torch,
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 -p 2048 -g 128 -b 8,64 -r 3 2>&1 | tee "$OUT/bench-130m-b8-64.md"
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 -p 0 -g 128 -b 2,16 -r 3 2>&1 | tee "$OUT/bench-130m-b2-16.md"
 for size in 1.4b 2.8b; do
-  python3 -m mamba_cli bench -m $C/mamba-$size-hf --dtype bfloat16 -p 2048 -g 128 -b 1,8 -r 3 2>&1 | tee "$OUT/bench-$size.md"
+  python3 -m mamba_cli bench -m $C/mamba-$size-hf --dtype bfloat16 -p 2048 -g 128 -b 1,8,64 -r 3 2>&1 | tee "$OUT/bench-$size.md"
 done
 python3 -m mamba_cli eval-ppl -m tiny-wikitext --device cuda --dtype bfloat16 --kl-base tiny-wikitext --data tests/fixtures/wikitext-2-raw/wiki.test.raw --json --batch-size 8 2>&1 | tail -c 1500 | tee "$OUT/kl.json"

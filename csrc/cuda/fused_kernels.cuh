@@ -138,11 +138,18 @@ struct StepArgs {
 // unfused path's matmul output is), softplus(dt + bias), the state update, the output with the D
 // skip and the SiLU gate. L lanes per channel (a power of two dividing 32), each holding N / L
 // consecutive states of it, so state reads and writes are coalesced; dt's dot product and the
-// output's sum over states are shared out over those lanes and combined with shuffles.
-template <typename T, int N, int L>
-__global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
+// output's sum over states are shared out over those lanes and combined with shuffles. A thread
+// takes R batch rows of its channel (grid (ceil(batch / R), channel blocks)), so that each dt_weight
+// element is read once for R rows and the R rows' loads are in flight together: R = 4 for grids of
+// more than kStepRowBlocks blocks of one row (2-3 waves of blocks instead of 6 or more), 1 otherwise.
+// The blocks per SM whose registers the compiler must leave room for: for n <= 16, 5 of 4 rows (96
+// registers, no spills; a cap of 80 spilled) and 10 of one row (46); n = 32 needs more.
+constexpr int kStepRowBlocks = 4096;
+constexpr int step_min_blocks(int n, int rows) { return rows > 1 ? (n > 16 ? 3 : 5) : (n > 16 ? 8 : 10); }
+template <typename T, int N, int L, int R>
+__global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel(StepArgs a, int batch) {
     constexpr int kPerBlock = 128 / L, S = N / L;
-    const int b = blockIdx.x, lane = threadIdx.x % L;
+    const int lane = threadIdx.x % L, b0 = blockIdx.x * R;
     const int c_wanted = blockIdx.y * kPerBlock + threadIdx.x / L;
     const bool active = c_wanted < a.dim;
     const int c = min(c_wanted, a.dim - 1);  // idle groups compute a duplicate and write nothing (shuffles need every lane)
@@ -157,41 +164,55 @@ __global__ void __launch_bounds__(128) decode_step_kernel(StepArgs a) {
     const float Dc = a.D ? a.D[c] : 0.0f;
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
     wait_for_previous();
-    float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
-    const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
-    const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb + lane * S;
-    float h[S], Bv[S], Cv[S];
+    int rows[R];  // batch rows, the last repeated past the batch's end (computed, not stored)
+    float h[R][S], Bv[R][S], Cv[R][S], u[R], zv[R], acc[R];
 #pragma unroll
-    for (int i = 0; i < S; i++) {
-        h[i] = st[i];
-        Bv[i] = to_f(Bp[i]);
-        Cv[i] = to_f(Cp[i]);
+    for (int r = 0; r < R; r++) {
+        const int b = rows[r] = min(b0 + r, batch - 1);
+        const float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
+        const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
+        const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb + lane * S;
+#pragma unroll
+        for (int i = 0; i < S; i++) {
+            h[r][i] = st[i];
+            Bv[r][i] = to_f(Bp[i]);
+            Cv[r][i] = to_f(Cp[i]);
+        }
+        u[r] = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
+        zv[r] = a.z ? to_f(static_cast<const T*>(a.z)[b * a.z_sb + c]) : 0.0f;
+        acc[r] = 0.0f;
     }
-    const float u = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
-    const float zv = a.z ? to_f(static_cast<const T*>(a.z)[b * a.z_sb + c]) : 0.0f;
-    const T* dl = static_cast<const T*>(a.dt_low) + b * a.dl_sb;
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int j = lane; j < a.rank; j += L) acc += to_f(dl[j]) * to_f(w[j]);  // unrolled: 8 loads in flight, not 1
+    const T* dl = static_cast<const T*>(a.dt_low);
+#pragma unroll (8 / R)
+    for (int j = lane; j < a.rank; j += L) {  // unrolled: 8 loads of dt_low in flight, not R
+        const float wj = to_f(w[j]);
 #pragma unroll
-    for (int off = L / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffff, acc, off, L);
-    const float dt = softplus_for<T>(to_f(from_f<T>(acc)) + bias);  // the prefill scan's numerics
-    const float du = dt * u;
-    float p = 0.0f;
-#pragma unroll
-    for (int i = 0; i < S; i++) {
-        h[i] = exp2_for<T>(dt * Av[i]) * h[i] + du * Bv[i];
-        p += h[i] * Cv[i];
-    }
-    if (active) {
-#pragma unroll
-        for (int i = 0; i < S; i++) st[i] = h[i];
+        for (int r = 0; r < R; r++) acc[r] += to_f(dl[rows[r] * a.dl_sb + j]) * wj;
     }
 #pragma unroll
-    for (int off = L / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, L);
-    if (active && lane == 0) {
-        const float gate = a.z ? silu(zv) : 1.0f;
-        static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>((p + Dc * u) * gate);
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int off = L / 2; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffff, acc[r], off, L);
+        const float dt = softplus_for<T>(to_f(from_f<T>(acc[r])) + bias);  // the prefill scan's numerics
+        const float du = dt * u[r];
+        float p = 0.0f;
+#pragma unroll
+        for (int i = 0; i < S; i++) {
+            h[r][i] = exp2_for<T>(dt * Av[i]) * h[r][i] + du * Bv[r][i];
+            p += h[r][i] * Cv[r][i];
+        }
+        const bool stored = active && b0 + r < batch;
+        if (stored) {
+            float* st = a.state + ((int64_t)rows[r] * a.dim + c) * N + lane * S;
+#pragma unroll
+            for (int i = 0; i < S; i++) st[i] = h[r][i];
+        }
+#pragma unroll
+        for (int off = L / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, L);
+        if (stored && lane == 0) {
+            const float gate = a.z ? silu(zv[r]) : 1.0f;
+            static_cast<T*>(a.y)[(int64_t)rows[r] * a.dim + c] = from_f<T>((p + Dc * u[r]) * gate);
+        }
     }
 }
 
