@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import warnings
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .errors import MambaError

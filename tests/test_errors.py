@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import HF_DIR, NEOX_TOKENIZER, run_cli
+from conftest import HF_DIR, NEOX_TOKENIZER
 from mamba_cli.app import app
 
 runner = CliRunner()

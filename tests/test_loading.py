@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import HF_DIR, NEOX_TOKENIZER, ORIG_DIR, rel_err, run_cli
+from conftest import HF_DIR, NEOX_TOKENIZER, ORIG_DIR, run_cli
 from mamba_core.config import MambaConfig
 from mamba_core.errors import MambaError
 from mamba_core.loading import load_model, read_state_dict
