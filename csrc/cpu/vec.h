@@ -90,7 +90,7 @@ inline vf vmax(vf x, float lo) {
 // 2^x for x <= 0: the decays exp(dt A) of the scan and the decode step, computed as 2^(dt A log2 e)
 // with log2(e) folded into A once, for every input type (degree 4 for 16-bit inputs was 10% faster
 // but its error, though unbiased on average, has one sign for a channel's typical dt A and compounds
-// along the state: 6e-5 after 300 steps, against 8e-7). In the fewest vector operations (12), since
+// along the state: 6e-5 after 300 steps, against 8e-7). In the fewest vector operations (10; 12 without AVX-512 DQ), since
 // on a 2-vCPU host (one core's vector ports) the prompt scan is bound by how many it issues: one max
 // (x >= -125, so that the result stays a normal float) and vexp2_clamped. Cephes' exp took 15.
 inline vf vexp2_decay(vf x) { return vexp2_clamped<6>(vmax(x, -125.0f)); }
