@@ -142,10 +142,10 @@ struct StepArgs {
 // takes R batch rows of its channel (grid (ceil(batch / R), channel blocks)), so that each dt_weight
 // element is read once for R rows and the R rows' loads are in flight together: R = 4 for grids of
 // more than kStepRowBlocks blocks of one row (2-3 waves of blocks instead of 6 or more), 1 otherwise.
-// The blocks per SM whose registers the compiler must leave room for: for n <= 16, 5 of 4 rows (96
-// registers, no spills; a cap of 80 spilled) and 10 of one row (46); n = 32 needs more.
+// The blocks per SM whose registers the compiler must leave room for with 4 rows: 5 for n <= 16 (96
+// registers, no spills; a cap of 80 spilled), 3 for n = 32. One row: no bound (0), as before (48).
 constexpr int kStepRowBlocks = 4096;
-constexpr int step_min_blocks(int n, int rows) { return rows > 1 ? (n > 16 ? 3 : 5) : (n > 16 ? 8 : 10); }
+constexpr int step_min_blocks(int n, int rows) { return rows > 1 ? (n > 16 ? 3 : 5) : 0; }
 template <typename T, int N, int L, int R>
 __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel(StepArgs a, int batch) {
     constexpr int kPerBlock = 128 / L, S = N / L;
