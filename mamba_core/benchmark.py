@@ -35,6 +35,7 @@ class BenchCase:
 
     @property
     def test(self) -> str:
+        """llama-bench's name for the case: ppN, tgN or tgN@dD."""
         if self.n_prompt:
             return f"pp{self.n_prompt}"
         return f"tg{self.n_gen}" + (f"@d{self.depth}" if self.depth else "")

@@ -93,6 +93,7 @@ class Protocol:
     bos: bool = True  # exact/window: prefix each unit with BOS so every text token is scored
 
     def params(self) -> dict:
+        """The protocol's parameters as the JSON report records them."""
         if self.name == "exact":
             return {"bos": self.bos}
         if self.name == "window":
@@ -170,6 +171,7 @@ class KLStats:
         self.highest = max(self.highest, values.max().item()) if len(values) else self.highest
 
     def report(self) -> dict:
+        """Mean, max, 99th percentile and top-1 agreement, as the JSON report's `kl` object."""
         sample = self.sample.double() if len(self.sample) else torch.zeros(1, dtype=torch.float64)
         return {
             "kl_mean": self.total / max(self.count, 1),
@@ -181,6 +183,9 @@ class KLStats:
 
 @dataclasses.dataclass
 class EvalResult:
+    """What `evaluate` returns: per-file and total statistics, the KL against a base model if asked,
+    and the time it took for how many tokens fed to the model (BOS and batch padding included)."""
+
     files: list[Stats]
     total: Stats
     kl: KLStats | None

@@ -55,6 +55,7 @@ class Timings:
     generated_tokens: int = 0
 
     def as_dict(self) -> dict:
+        """The fields plus prefill and decode rates, for `--json` and `-v`."""
         d = dataclasses.asdict(self)
         d["prefill_tokens_per_s"] = self.prompt_tokens / self.prefill_s if self.prefill_s else None
         d["decode_tokens_per_s"] = self.generated_tokens / self.decode_s if self.decode_s else None
@@ -74,6 +75,7 @@ class _RowText:
         return self._emit(self.decoder.push(token), final=False)
 
     def flush(self) -> str:
+        """The text still held back (an incomplete character or a possible stop string) at the end."""
         return self._emit(self.decoder.flush(), final=True)[0]
 
     def _emit(self, piece: str, final: bool) -> tuple[str, bool]:

@@ -178,6 +178,7 @@ class MambaForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are."""
         return self.backbone.norm_f.weight.device
 
     @property

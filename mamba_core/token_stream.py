@@ -36,10 +36,12 @@ class Tokens:
 
     @staticmethod
     def cat(runs: list["Tokens"]) -> "Tokens":
+        """The runs one after the other."""
         return Tokens(*(torch.cat([getattr(r, f) for r in runs]) for f in ("ids", "nbytes", "words")))
 
     @staticmethod
     def empty() -> "Tokens":
+        """No tokens."""
         none = torch.zeros(0, dtype=torch.int32)
         return Tokens(none, none, none)
 

@@ -77,6 +77,7 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of an id (None outside the vocabulary)."""
         return self._tok.id_to_token(token_id)
 
     def stream(self) -> "StreamDecoder":
