@@ -20,6 +20,15 @@ typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 constexpr float kLog2e = 1.44269504088896341f;
 
+// The polynomial with coefficients c (highest degree first) at x, by Horner's rule: one
+// multiply-add per coefficient (fused: the kernels build with -ffp-contract=fast).
+template <size_t N>
+inline vf horner(vf x, const float (&c)[N]) {
+    vf p = vf{} + c[0];
+    for (size_t i = 1; i < N; i++) p = p * x + c[i];
+    return p;
+}
+
 // exp(x) for 16 lanes: Cephes expf's range reduction and polynomial (about 1 ulp).
 inline vf vexp(vf x) {
     const vf lo = vf{} - 87.3f, hi = vf{} + 88.3f, magic = vf{} + 12582912.0f;  // 1.5 * 2^23 rounds to nearest
@@ -27,13 +36,8 @@ inline vf vexp(vf x) {
     x = x > hi ? hi : x;
     const vf n = (x * kLog2e + magic) - magic;
     const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;  // x - n ln2, two-part constant
-    vf p = vf{} + 1.9875691500e-4f;  // exp(r) ~ 1 + r + r^2 p(r) for |r| <= ln(2) / 2
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    vf p = horner(r, {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f});
+    p = p * r * r + r + 1.0f;  // exp(r) ~ 1 + r + r^2 p(r) for |r| <= ln(2) / 2
     const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n
     return p * reinterpret_cast<const vf&>(bits);
 }
@@ -54,22 +58,8 @@ inline vf vexp2_clamped(vf x) {
     const vf shifted = x + 12582912.0f;
     const vf f = x - (shifted - 12582912.0f);
 #endif
-    vf p;
-    if constexpr (Degree == 6) {
-        p = vf{} + 1.5337577497e-4f;
-        p = p * f + 1.3399859890e-3f;
-        p = p * f + 9.6185198054e-3f;
-        p = p * f + 5.5503290147e-2f;
-        p = p * f + 2.4022646248e-1f;
-        p = p * f + 6.9314718246e-1f;
-        p = p * f + 1.0f;
-    } else {
-        p = vf{} + 9.5605105162e-3f;
-        p = p * f + 5.5917039514e-2f;
-        p = p * f + 2.4024981260e-1f;
-        p = p * f + 6.9312196970e-1f;
-        p = p * f + 9.9999916553e-1f;
-    }
+    const vf p = Degree == 6 ? horner(f, {1.5337577497e-4f, 1.3399859890e-3f, 9.6185198054e-3f, 5.5503290147e-2f, 2.4022646248e-1f, 6.9314718246e-1f, 1.0f})
+                             : horner(f, {9.5605105162e-3f, 5.5917039514e-2f, 2.4024981260e-1f, 6.9312196970e-1f, 9.9999916553e-1f});
 #ifdef __AVX512DQ__
     return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(x - f)));  // p * 2^(x - f)
 #else
@@ -120,15 +110,8 @@ inline vf vlog(vf x) {
     e = small ? e - 1.0f : e;
     m = small ? m + m - 1.0f : m - 1.0f;  // now log(x) = log(1 + m) + e log(2)
     const vf z = m * m;
-    vf p = vf{} + 7.0376836292e-2f;
-    p = p * m - 1.1514610310e-1f;
-    p = p * m + 1.1676998740e-1f;
-    p = p * m - 1.2420140846e-1f;
-    p = p * m + 1.4249322787e-1f;
-    p = p * m - 1.6668057665e-1f;
-    p = p * m + 2.0000714765e-1f;
-    p = p * m - 2.4999993993e-1f;
-    p = p * m + 3.3333331174e-1f;
+    const vf p = horner(m, {7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f,
+                            2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f});
     vf y = p * m * z - 2.12194440e-4f * e - 0.5f * z;
     return m + y + 0.693359375f * e;
 }
@@ -154,13 +137,8 @@ inline vf vsoftplus_fast(vf x) {
     const vf a = x < 0.0f ? vf{} - x : x;
 #endif
     const vf e = vexp2_clamped<4>(vmax(a * -kLog2e, -125.0f));
-    vf q = vf{} + 1.4141022228e-02f;
-    q = q * e - 6.6401809454e-02f;
-    q = q * e + 1.4922389388e-01f;
-    q = q * e - 2.3503862321e-01f;
-    q = q * e + 3.3109450340e-01f;
-    q = q * e - 4.9986964464e-01f;
-    q = q * e + 9.9999874830e-01f;
+    const vf q = horner(e, {1.4141022228e-2f, -6.6401809454e-2f, 1.4922389388e-1f, -2.3503862321e-1f, 3.3109450340e-1f, -4.9986964464e-1f,
+                            9.9999874830e-1f});
     return vmax(x, 0.0f) + e * q;
 }
 inline vf vsilu_fast(vf x) {
