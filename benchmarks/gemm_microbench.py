@@ -51,22 +51,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="2,8,64")
     parser.add_argument("--splits", default="0,2,4,8", help="blocks per cluster to try (0: the kernel's own choice)")
+    parser.add_argument("--cols", default="64", help="output columns per cluster to try (64, 16)")
+    parser.add_argument("--only", default="", help="products whose name contains this")
     args = parser.parse_args()
     module = cuda_backend("cuda").module
-    splits = [int(s) for s in args.splits.split(",")]
-    heads = " | ".join(f"ours s={s or 'auto'} us" for s in splits)
+    variants = [(int(s), int(c)) for c in args.cols.split(",") for s in args.splits.split(",")]
+    heads = " | ".join(f"ours s={s or 'auto'} c={c} us" for s, c in variants)
     print(f"| product | rows | cuBLAS us | {heads} | ours GB/s | max rel. difference |")
-    print("|---|---:|---:|" + "---:|" * (len(splits) + 2))
+    print("|---|---:|---:|" + "---:|" * (len(variants) + 2))
     for name, (n, k) in SHAPES.items():
+        if args.only not in name:
+            continue
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, 1, k, device="cuda", dtype=torch.bfloat16)
-            ref, ours = F.linear(x, w), module.rows_gemm(x, w, None)
+            ref, ours = F.linear(x, w), module.rows_gemm(x, w, None, *variants[0])
             diff = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             times = []
-            for s in splits:
-                fits = s == 0 or -(-k // s) <= 1024  # shared memory for the slices of x and w
-                times.append(time_graph(lambda: module.rows_gemm(x, w, None, s)) if fits else float("nan"))  # noqa: B023
+            for s, c in variants:
+                slice_ = -(-k // s + 63) // 64 * 64 if s else 0  # shared memory for the slices of x and w (gemm_smem)
+                fits = s == 0 or (16 * -(-rows // 16) + c) * (slice_ + 8) * 2 + 2 * 16 * -(-rows // 16) * c * 4 <= 227 * 1024
+                times.append(time_graph(lambda: module.rows_gemm(x, w, None, s, c)) if fits else float("nan"))  # noqa: B023
             t_cublas = time_graph(lambda: F.linear(x, w))  # noqa: B023
             cells = " | ".join(f"{t:.2f}" for t in times)
             print(f"| {name} | {rows} | {t_cublas:.2f} | {cells} | {n * k * 2 / times[0] / 1e3:,.0f} | {diff:.1e} |", flush=True)

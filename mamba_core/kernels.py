@@ -220,6 +220,9 @@ class CudaKernelOps(_KernelOps):
     # rows or for the 1.4b and 2.8b in_proj and out_proj; with the 130m in_proj too, a decode step at
     # batch 8 took 0.510 ms instead of 0.545, as ours start early after the kernels before them.
     few_rows, few_rows_weights = 16, 1 << 22
+    # Narrow weights (x_proj: 80-160 rows, k <= 4096) also at 17-64 rows of x, in 16-column tiles:
+    # 130m b64 x_proj 3.6 us against cuBLAS's 4.3 (and 5.1 in 64-column tiles), and it starts early.
+    narrow_rows, narrow_cols, narrow_k = 64, 256, 4096
 
     def __init__(self, module, clusters: bool):
         super().__init__(module)
@@ -239,13 +242,17 @@ class CudaKernelOps(_KernelOps):
 
     def linear(self, x, weight, bias=None, scale=None):
         """Our kernels where they beat cuBLAS on an H200 (and can start early in a decode chain): the
-        GEMV for one row, the tensor-core kernel for a few rows and small weights; cuBLAS otherwise."""
-        rows = x.numel() // x.shape[-1]
-        if rows <= self.few_rows and self._aligned(x, weight, scale):
+        GEMV for one row, the tensor-core kernel for a few rows and small or narrow weights; cuBLAS
+        otherwise."""
+        rows, k = x.numel() // x.shape[-1], x.shape[-1]
+        if rows <= self.narrow_rows and self._aligned(x, weight, scale):
             if rows == 1:
                 return self.module.gemv(x, weight, bias)
-            if self.clusters and x.dtype != torch.float32 and weight.numel() <= self.few_rows_weights and x.shape[-1] <= 6144:
-                return self.module.rows_gemm(x, weight, bias)
+            if self.clusters and x.dtype != torch.float32 and k <= 6144:
+                if rows <= self.few_rows and weight.numel() <= self.few_rows_weights:
+                    return self.module.rows_gemm(x, weight, bias)
+                if weight.shape[0] <= self.narrow_cols and k <= self.narrow_k:
+                    return self.module.rows_gemm(x, weight, bias, 0, 16)
         return super().linear(x, weight, bias, scale)
 
     def block_step(self, x, residual, norm_w, eps, residual_fp32, w, conv_state, ssm_state):

@@ -156,16 +156,18 @@ sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device
 @sm90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 8, 17, 64])
+@pytest.mark.parametrize("cols", [64, 16])
 @pytest.mark.parametrize("n, k, bias", [(3072, 768, False), (80, 1536, True), (100, 40, True), (768, 4096, False), (130, 2056, False)])
-def test_rows_gemm_matches_float64(kernels, dtype, rows, n, k, bias):
+def test_rows_gemm_matches_float64(kernels, dtype, rows, cols, n, k, bias):
     """The tensor-core product for a few rows: k split over a cluster (up to 8 blocks, k not a multiple
-    of the slice), n not a multiple of the 64-column tile, rows not a multiple of 16; within the
-    output's rounding (half an ulp: 2e-3 in bf16, 2.4e-4 in fp16) of float64 on the same inputs."""
+    of the slice), n not a multiple of the 64- or 16-column tile, rows not a multiple of 16 (with 16
+    columns, warps left without a row tile); within the output's rounding (half an ulp: 2e-3 in bf16,
+    2.4e-4 in fp16) of float64 on the same inputs."""
     g = torch.Generator(device="cuda").manual_seed(rows * n + k)
     x = torch.randn(rows, 1, k, device="cuda", generator=g).to(dtype)
     w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(dtype)
     b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
-    got = kernels.module.rows_gemm(x, w, b)
+    got = kernels.module.rows_gemm(x, w, b, 0, cols)
     want = x.double() @ w.double().T + (b.double() if bias else 0)
     assert got.shape == (rows, 1, n) and got.dtype == dtype
     assert ((got.double() - want).abs() / want.abs().clamp_min(0.1)).max() <= (4e-3 if dtype == torch.bfloat16 else 5e-4)
@@ -210,13 +212,17 @@ def test_model_logits_and_greedy_match_cpu(tiny):
 @pytest.mark.parametrize("dtype, batch", [("float32", 1), ("bfloat16", 1), ("bfloat16", 8), ("float16", 16), ("float32", 64)])
 def test_decoded_tokens_match_torch_path(dtype, batch):
     """Decoding against the torch ops: one row (the fused norm + in_proj + conv kernel, GEMV, decode
-    step), 8 or 16 rows (the tensor-core products on sm_90+) and 64 rows (cuBLAS, our other kernels)."""
+    step), 8 or 16 rows (the tensor-core products on sm_90+) and 64 rows (cuBLAS for in_proj, the
+    16-column tensor-core product for the narrow x_proj and out_proj, our other kernels); the 30-token
+    prompt of one row takes the narrow product too. In 16-bit, 2e-2 of the largest logit is 2-3 ulps of
+    bf16 at the logits' magnitude: a product summed in another order than cuBLAS's (ours in the prompt)
+    moves the logits by 1-2 ulps (measured 1.06e-2 against 0.53e-2 with cuBLAS in both prompts)."""
     ids = torch.randint(0, 2045, (batch, 30), generator=torch.Generator().manual_seed(7)).cuda()
     plain = load_model("tiny-wikitext", dtype=dtype, device="cuda", backend="torch").model
     fast = load_model("tiny-wikitext", dtype=dtype, device="cuda", backend="cuda-kernels").model
     caches = plain.make_cache(batch), fast.make_cache(batch)
-    plain(ids, caches[0]), fast(ids, caches[1])
-    tol = 1e-5 if dtype == "float32" else 1e-2
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert rel_err(fast(ids, caches[1]), plain(ids, caches[0])) <= tol
     for step in range(5):
         token = ids[:, step : step + 1]
         assert rel_err(fast(token, caches[1]), plain(token, caches[0])) <= tol

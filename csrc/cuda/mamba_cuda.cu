@@ -266,31 +266,32 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor weight, c10::optional<torch::T
 
 // y (..., n) = x (..., k) @ weight (n, k)^T (+ bias) for 1..64 rows of 16-bit x on sm_90+ (tensor
 // cores, clusters; see rows_gemm.cuh). Needs k % 8 == 0 and 16-byte aligned, contiguous x and weight.
-// splits: blocks per cluster, each over a slice of k (0: the kernel's choice; the microbenchmark tries others).
-torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t splits) {
+// splits: blocks per cluster, each over a slice of k (0: the kernel's choice; the microbenchmark tries others);
+// cols: output columns per cluster, 64 (a warp per 16 columns) or 16 (a warp per 16 rows: narrow weights).
+torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, int64_t splits, int64_t cols) {
     const int64_t k = x.size(-1), m = x.numel() / k, n = weight.size(0);
     const auto type = x.scalar_type();
     TORCH_CHECK(x.is_cuda() && x.is_contiguous() && (type == torch::kBFloat16 || type == torch::kHalf) && weight.scalar_type() == type &&
-                weight.is_contiguous() && weight.size(1) == k && k % 8 == 0 && m >= 1 && m <= 64 &&
+                weight.is_contiguous() && weight.size(1) == k && k % 8 == 0 && m >= 1 && m <= 64 && (cols == 16 || cols == 64) &&
                 reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
-                "rows_gemm: 1..64 contiguous rows of bf16/fp16 x, weight (n, k) contiguous in x's dtype, k a multiple of 8, 16-byte aligned");
+                "rows_gemm: 1..64 contiguous rows of bf16/fp16 x, weight (n, k) contiguous in x's dtype, k a multiple of 8, 16-byte aligned, cols 16 or 64");
     const c10::cuda::CUDAGuard guard(x.device());
     const auto* props = at::cuda::getCurrentDeviceProperties();
     const GemmSplit split = gemm_split(static_cast<int>(k), static_cast<int>(splits));
     const int mt = static_cast<int>((m + 15) / 16);
-    const size_t smem = gemm_smem(mt, split, x.element_size());
+    const size_t smem = gemm_smem(mt, static_cast<int>(cols), split, x.element_size());
     TORCH_CHECK(props->major >= 9 && smem <= props->sharedMemPerBlockOptin, "rows_gemm needs sm_90+ and k <= ~6000 (", smem, " bytes of shared memory)");
     auto sizes = x.sizes().vec();
     sizes.back() = n;
     auto y = torch::empty(sizes, x.options());
     torch::Tensor bc = bias.has_value() ? bias->to(type).contiguous() : torch::Tensor();
-    const dim3 grid(split.splits, static_cast<unsigned>((n + kGemmCols - 1) / kGemmCols));
+    const dim3 grid(split.splits, static_cast<unsigned>((n + cols - 1) / cols));
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(type, [&](auto zero) {
         using T = decltype(zero);
         if constexpr (!std::is_same_v<T, float>) {
             auto launch = [&](auto tiles) {
-                auto kernel = rows_gemm_kernel<T, decltype(tiles)::value>;
+                auto kernel = cols == 16 ? rows_gemm_kernel<T, decltype(tiles)::value, 16> : rows_gemm_kernel<T, decltype(tiles)::value, 64>;
                 C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));  // above 48 KB
                 launch_with(kernel, grid, kGemmThreads, smem, stream, true, split.splits, static_cast<const T*>(x.data_ptr()),
                             static_cast<const T*>(weight.data_ptr()), bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr,
@@ -357,7 +358,7 @@ std::vector<torch::Tensor> norm_in_proj_conv_step(torch::Tensor x, c10::optional
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("gemv", &gemv, "x @ W^T for one row of x (CUDA)");
     m.def("rows_gemm", &rows_gemm, "x @ W^T for 1..64 rows of 16-bit x, tensor cores (CUDA, sm_90+)", py::arg("x"), py::arg("weight"),
-          py::arg("bias"), py::arg("splits") = 0);
+          py::arg("bias"), py::arg("splits") = 0, py::arg("cols") = 64);
     m.def("norm_in_proj_conv_step", &norm_in_proj_conv_step, "add + RMSNorm, in_proj and conv step of one decoded token (CUDA)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
     m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");
