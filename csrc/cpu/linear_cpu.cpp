@@ -11,8 +11,9 @@
 //   float32 W: x . w by FMAs on 16 lanes;
 //   bf16 W (x bf16): with AVX512-BF16, vdpbf16ps (32 products per instruction, exact products,
 //     float32 sums), otherwise each bf16 widened to float32 (a shift);
-//   int8 W: 16 weights sign-extended and converted to float32 per FMA, x in float32, and the row's
-//     scale applied to the sum.
+//   int8 W: with float32 x, 16 weights sign-extended and converted to float32 per FMA; with 16-bit
+//     x, x quantized to int16 per row and 32 weights per AVX512-VNNI vpdpwssd (blocks.h: dot_q);
+//     the row's scale (and x's) applied to the sum.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -28,9 +29,9 @@ using c10::BFloat16;
 
 // y (m, n) = x (m, k) @ w (n, k)^T (* scale) (+ bias), rows of W in contiguous ranges per thread.
 template <typename X, typename W, typename Y>
-void gemv(const X* x, int64_t m, int64_t k, const W* w, int64_t n, const float* scale, const float* bias, Y* y) {
+void gemv(const X* x, int64_t m, int64_t k, const W* w, int64_t n, const float* scale, const float* bias, Y* y, const float* x_scale = nullptr) {
     const int64_t grain = std::max<int64_t>(1, 16384 / k);  // at least ~16 KB of W per task
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { gemv_range(x, m, k, w, n, scale, bias, y, begin, end); });
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { gemv_range(x, m, k, w, n, scale, bias, y, begin, end, x_scale); });
 }
 
 }  // namespace
@@ -53,7 +54,12 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<t
     const float* sp = int8 ? sf.data_ptr<float>() : nullptr;
     const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
     const int64_t m = x2.size(0);
-    if (int8) {
+    if (int8 && x.scalar_type() != torch::kFloat) {  // 16-bit activations: quantized to int16 rows
+        auto q = torch::empty({m, k}, x.options().dtype(torch::kShort));
+        auto q_scale = torch::empty({m}, xin.options());
+        quantize_rows(xin.data_ptr<float>(), m, k, q.data_ptr<int16_t>(), q_scale.data_ptr<float>());
+        gemv(q.data_ptr<int16_t>(), m, k, weight.data_ptr<int8_t>(), n, sp, bp, y.data_ptr<float>(), q_scale.data_ptr<float>());
+    } else if (int8) {
         gemv(xin.data_ptr<float>(), m, k, weight.data_ptr<int8_t>(), n, sp, bp, y.data_ptr<float>());
     } else if (weight.scalar_type() == torch::kFloat) {
         gemv(xin.data_ptr<float>(), m, k, weight.data_ptr<float>(), n, sp, bp, y.data_ptr<float>());

@@ -25,17 +25,27 @@ using namespace mamba_cpu;
 // Part `part` of `parts` of the items 0..n: contiguous, as even as the count allows.
 inline std::pair<int64_t, int64_t> share(int64_t n, int part, int parts) { return {n * part / parts, n * (part + 1) / parts}; }
 
+// One thread's copy of an int8 projection's input rows, quantized to int16 (quantize_rows) when
+// the activations are 16-bit: (rows, width) values and a scale per row.
+struct QuantizedInput {
+    std::vector<int16_t> q;
+    std::vector<float> scale;
+    QuantizedInput(int64_t rows, int64_t width) : q(rows * width), scale(rows) {}
+};
+
 // A projection's share of rows: y (m, n) = x (m, k) @ W^T, W of the model dtype T (x read as T) or
-// int8 with row scales (x read as float32, xf: this thread's float32 copy of x).
+// int8 with row scales (x read as float32 when T is, else quantized into xq).
 template <typename T>
-void project(const T* x, float* xf, int64_t m, int64_t k, const torch::Tensor& w, const float* scale, const float* bias, T* y, int part, int parts) {
+void project(const T* x, QuantizedInput& xq, int64_t m, int64_t k, const torch::Tensor& w, const float* scale, const float* bias, T* y, int part, int parts) {
     const int64_t n = w.size(0);
     const auto [begin, end] = share(n, part, parts);
-    if (w.scalar_type() == torch::kChar) {
-        for (int64_t i = 0; i < m * k; i++) xf[i] = static_cast<float>(x[i]);
-        gemv_range(xf, m, k, w.data_ptr<int8_t>(), n, scale, bias, y, begin, end);
-    } else {
+    if (w.scalar_type() != torch::kChar) {
         gemv_range(x, m, k, w.data_ptr<T>(), n, scale, bias, y, begin, end);
+    } else if constexpr (std::is_same_v<T, float>) {
+        gemv_range(x, m, k, w.data_ptr<int8_t>(), n, scale, bias, y, begin, end);
+    } else {
+        quantize_rows(x, m, k, xq.q.data(), xq.scale.data());
+        gemv_range(xq.q.data(), m, k, w.data_ptr<int8_t>(), n, scale, bias, y, begin, end, xq.scale.data());
     }
 }
 
@@ -73,24 +83,24 @@ struct Scratch {
 };
 
 // One decoded token through a mixer, run by every thread of a parallel region (barriers inside):
-// in (b, h) -> out (b, h); conv_state (b, d, k) and ssm_state (b, d, n) advanced. xf: this
-// thread's float32 copy of an int8 projection's input (b * max(h, d)).
+// in (b, h) -> out (b, h); conv_state (b, d, k) and ssm_state (b, d, n) advanced. xq: this
+// thread's copy of an int8 projection's input (b rows of max(h, d)).
 template <typename T>
-void mixer_phases(const Layer& l, const T* in, T* out, Scratch<T>& s, float* xf, T* conv_state, float* ssm_state, int64_t batch, int part, int parts) {
+void mixer_phases(const Layer& l, const T* in, T* out, Scratch<T>& s, QuantizedInput& xq, T* conv_state, float* ssm_state, int64_t batch, int part, int parts) {
     const int64_t d = s.d, n = s.n, rank = s.rank, low_width = rank + 2 * n, tiles = (d + kLanes - 1) / kLanes;
-    project(in, xf, batch, s.h, l.in_w, ptr_or_null<float>(l.in_scale), ptr_or_null<float>(l.in_b), s.xz.data(), part, parts);
+    project(in, xq, batch, s.h, l.in_w, ptr_or_null<float>(l.in_scale), ptr_or_null<float>(l.in_b), s.xz.data(), part, parts);
 #pragma omp barrier
     const auto [c_begin, c_end] = share(batch * d, part, parts);
     conv_step_range(s.xz.data(), 2 * d, l.conv_w.data_ptr<T>(), ptr_or_null<T>(l.conv_b), conv_state, s.x.data(), d, s.kernel, c_begin, c_end);
 #pragma omp barrier
-    project(s.x.data(), xf, batch, d, l.x_w, nullptr, nullptr, s.low.data(), part, parts);
+    project(s.x.data(), xq, batch, d, l.x_w, nullptr, nullptr, s.low.data(), part, parts);
 #pragma omp barrier
     const StepRows<T> rows{s.x.data(), s.xz.data() + d, s.low.data(), s.low.data() + rank, s.low.data() + rank + n, d, 2 * d, low_width, low_width, low_width};
     const auto [t_begin, t_end] = share(batch * tiles, part, parts);
     decode_tiles(t_begin, t_end, d, rank, n, rows, l.dt_w.data_ptr<T>(), ptr_or_null<float>(l.dt_b), l.A.data_ptr<float>(), ptr_or_null<float>(l.D), ssm_state,
                  s.y.data());
 #pragma omp barrier
-    project(s.y.data(), xf, batch, d, l.out_w, ptr_or_null<float>(l.out_scale), ptr_or_null<float>(l.out_b), out, part, parts);
+    project(s.y.data(), xq, batch, d, l.out_w, ptr_or_null<float>(l.out_scale), ptr_or_null<float>(l.out_b), out, part, parts);
 }
 
 // This thread's number in the enclosing parallel region (0 without OpenMP).
@@ -129,20 +139,20 @@ void run_token(const torch::Tensor& tokens, const torch::Tensor& embed, const c1
 #pragma omp parallel num_threads(parts)
     {
         const int part = thread_part();
-        std::vector<float> xf(batch * std::max(h, d));
+        QuantizedInput xq(batch, std::max(h, d));
         for (size_t i = 0; i < layers.size(); i++) {
             const Layer& l = layers[i];
             if (part == 0)  // s = residual + hidden (in place: each element is read before it is written)
                 add_rms_norm_range(hidden.data(), i == 0 ? nullptr : residual.data(), l.norm.data_ptr<T>(), normed.data(), residual.data(), h, eps, true, 0, batch);
 #pragma omp barrier
-            mixer_phases(l, normed.data(), hidden.data(), scratch, xf.data(), conv_all + i * batch * d * scratch.kernel, ssm_all + i * batch * d * scratch.n, batch,
+            mixer_phases(l, normed.data(), hidden.data(), scratch, xq, conv_all + i * batch * d * scratch.kernel, ssm_all + i * batch * d * scratch.n, batch,
                          part, parts);
 #pragma omp barrier
         }
         if (part == 0)  // the final norm reads the sum unrounded
             add_rms_norm_range(hidden.data(), residual.data(), norm_f.data_ptr<T>(), normed.data(), residual.data(), h, eps, false, 0, batch);
 #pragma omp barrier
-        project(normed.data(), xf.data(), batch, h, head_w, ptr_or_null<float>(head_scale), nullptr, head.data(), part, parts);
+        project(normed.data(), xq, batch, h, head_w, ptr_or_null<float>(head_scale), nullptr, head.data(), part, parts);
         const auto [v_begin, v_end] = share(vocab, part, parts);  // logits: float32 of the T-rounded products
         for (int64_t b = 0; b < batch; b++)
             for (int64_t v = v_begin; v < v_end; v++) logits.data_ptr<float>()[b * vocab + v] = static_cast<float>(head[b * vocab + v]);
@@ -212,8 +222,8 @@ torch::Tensor mixer_step(torch::Tensor hidden, torch::Tensor conv_state, torch::
         const int parts = at::get_num_threads();
 #pragma omp parallel num_threads(parts)
         {
-            std::vector<float> xf(batch * std::max(scratch.h, scratch.d));
-            mixer_phases(l, x.data_ptr<T>(), out.data_ptr<T>(), scratch, xf.data(), conv_state.data_ptr<T>(), ssm_state.data_ptr<float>(), batch, thread_part(), parts);
+            QuantizedInput xq(batch, std::max(scratch.h, scratch.d));
+            mixer_phases(l, x.data_ptr<T>(), out.data_ptr<T>(), scratch, xq, conv_state.data_ptr<T>(), ssm_state.data_ptr<float>(), batch, thread_part(), parts);
         }
     };
     if (dtype == torch::kFloat) run(0.0f); else run(c10::BFloat16(0));
