@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .ops.reference import TorchOps
 
@@ -164,8 +165,12 @@ class CpuKernelOps(_KernelOps):
         return weight.is_contiguous() and (weight.dtype == torch.int8 or weight.dtype == x_dtype in (torch.float32, torch.bfloat16))
 
     def linear(self, x, weight, bias=None, scale=None):
+        """Our matrix-vector kernel for a few rows; torch's matmul for more, an int8 weight
+        dequantized by our one-pass kernel (bit-identical to the torch path's three ops)."""
         if x.numel() <= self.gemv_rows * x.shape[-1] and self._gemv_takes(x.dtype, weight):
             return self.module.linear_rows(x, weight, bias, scale)
+        if scale is not None and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous():
+            return F.linear(x, self.module.dequantize_rows(weight, scale.float().contiguous(), x.dtype), bias)
         return super().linear(x, weight, bias, scale)
 
     def _fuses_mixer(self, w, rows: int, dtype) -> bool:

@@ -45,6 +45,17 @@ def test_gemv_kernel_matches_float64(n, k, rows, bias, weights):
     assert rel_err(got[0], want) <= (1e-6 if dtype == torch.float32 else 4e-3)  # bf16: the output's rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_kernel_is_bit_identical_to_torch(dtype):
+    """Prompts dequantize int8 weights with our one-pass kernel: the same bits as the torch path's
+    (q.float() * scale).to(dtype), for rows not a multiple of 16 long and scales of many sizes."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(301, 77, generator=g) * torch.logspace(-30, 30, 301, base=2.0)[:, None]
+    q, scale = quantize_tensor(w)
+    got = kernels.module.dequantize_rows(q, scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, (q.float() * scale[:, None]).to(dtype))
+
+
 def test_quantize_tensor_error_is_half_a_step():
     w = torch.randn(300, 77) * torch.logspace(-3, 2, 300)[:, None]  # rows of very different scales
     q, scale = quantize_tensor(w)

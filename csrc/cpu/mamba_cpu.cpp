@@ -234,6 +234,7 @@ int64_t parallel_threads() {
 
 // linear_cpu.cpp, decode_cpu.cpp
 torch::Tensor linear_rows(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> scale);
+torch::Tensor dequantize_rows(torch::Tensor weight, torch::Tensor scale, at::ScalarType dtype);
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps,
                                         bool residual_fp32, bool cast_input);
 torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor dt_weight, torch::Tensor A, torch::Tensor B, torch::Tensor C,
@@ -252,6 +253,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("selective_scan", &selective_scan, "selective scan with carried state (CPU)");
     m.def("causal_conv1d", &causal_conv1d, "causal depthwise conv + SiLU with carried state (CPU)");
     m.def("linear_rows", &linear_rows, "x @ W^T (* scale) for a few rows of x, W float32, bf16 or int8 (CPU)");
+    m.def("dequantize_rows", &dequantize_rows, "int8 (out, in) * scale (out,) as float32 or bf16 (CPU)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CPU)");
     m.def("decode_step", &decode_step, "dt_proj + softplus + one selective-scan step (CPU)");
     m.def("mixer_step", &mixer_step, "one decoded token through a mixer (CPU)");
