@@ -56,6 +56,16 @@ def test_dequantize_kernel_is_bit_identical_to_torch(dtype):
     assert got.dtype == dtype and torch.equal(got, (q.float() * scale[:, None]).to(dtype))
 
 
+def test_int8_product_of_bf16_activations_keeps_nan_and_zero_rows():
+    """The int16 rounding of x must not turn a NaN activation into a number, nor a row of zeros into NaN."""
+    q, scale = quantize_tensor(torch.randn(40, 100, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(3, 100).bfloat16()
+    x[1] = 0
+    x[2, 37] = float("nan")
+    got = kernels.module.linear_rows(x, q, None, scale)
+    assert torch.equal(got[1], torch.zeros(40, dtype=torch.bfloat16)) and got[2].isnan().all() and not got[0].isnan().any()
+
+
 def test_quantize_tensor_error_is_half_a_step():
     w = torch.randn(300, 77) * torch.logspace(-3, 2, 300)[:, None]  # rows of very different scales
     q, scale = quantize_tensor(w)

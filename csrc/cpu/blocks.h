@@ -87,14 +87,25 @@ void quantize_rows(const X* x, int64_t m, int64_t k, int16_t* q, float* scale) {
         int16_t* out = q + i * k;
         int64_t j = 0;
         float amax = 0.0f;
+        bool nan = false;  // max() drops NaNs; a row with one gets a NaN scale, so its products are NaN
 #ifdef __AVX512F__
         __m512 vmax = _mm512_setzero_ps();
-        for (; j + kLanes <= k; j += kLanes) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(reinterpret_cast<__m512>(load16(row + j))));
+        __mmask16 unordered = 0;
+        for (; j + kLanes <= k; j += kLanes) {
+            const __m512 v = reinterpret_cast<__m512>(load16(row + j));
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+            unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
         amax = _mm512_reduce_max_ps(vmax);
+        nan = unordered != 0;
 #endif
-        for (; j < k; j++) amax = std::max(amax, std::fabs(static_cast<float>(row[j])));
+        for (; j < k; j++) {
+            const float v = static_cast<float>(row[j]);
+            amax = std::max(amax, std::fabs(v));
+            nan = nan || std::isnan(v);
+        }
         const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-        scale[i] = amax / 32767.0f;
+        scale[i] = nan ? std::nanf("") : amax / 32767.0f;
         j = 0;
 #ifdef __AVX512F__
         const __m512 vinv = _mm512_set1_ps(inv);  // |x| inv <= 32767 (+ rounding): cvtsepi32 saturates
