@@ -54,6 +54,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[list[int]] | None = None) -> torch.Tensor:
         """logits (b, vocab) float32 -> next ids (b,). `history`: each row's ids so far."""
+        logits = self.penalized(logits, history)
+        if self.params.temperature == 0:
+            return logits.argmax(dim=-1)
+        ids, probs = self.distribution(logits)
+        choice = torch.multinomial(probs, 1, generator=self.generator)  # (b, 1)
+        return ids.gather(-1, choice)[:, 0]
+
+    def penalized(self, logits: torch.Tensor, history: list[list[int]] | None) -> torch.Tensor:
+        """A copy of logits (b, vocab) cut to the vocabulary, with the repetition penalty applied."""
         p = self.params
         logits = logits[:, : self.vocab_limit].clone()
         if p.repeat_penalty != 1.0 and history:
@@ -62,19 +71,23 @@ class Sampler:
                 recent = recent[recent < self.vocab_limit]
                 values = logits[row, recent]
                 logits[row, recent] = torch.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
-        if p.temperature == 0:
-            return logits.argmax(dim=-1)
-        if 0 < p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]  # (b, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits
+
+    def distribution(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the draw picks from: (ids, probs), each (b, k), candidates by descending logit.
+
+        The top k first (exactly k, as llama.cpp cuts them; one partial sort instead of sorting the
+        whole vocabulary, which cost ~5-10 ms per token on a CPU), then top-p (a candidate stays while
+        the mass before it is below p) and min-p (those at least min_p times the likeliest) on the
+        untempered distribution of the k, then temperature. Filtered candidates get probability 0.
+        """
+        p = self.params
+        k = p.top_k if 0 < p.top_k < logits.shape[-1] else logits.shape[-1]
+        values, ids = torch.topk(logits, k, dim=-1)  # (b, k), descending
+        probs = values.softmax(dim=-1)
+        keep = torch.ones_like(probs, dtype=torch.bool)
         if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p.top_p  # mass before this token already >= p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
+            keep &= probs.cumsum(dim=-1) - probs < p.top_p
         if p.min_p > 0.0:
-            probs = logits.softmax(dim=-1)
-            logits = logits.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
-        probs = (logits / p.temperature).softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+            keep &= probs >= p.min_p * probs[:, :1]
+        return ids, (values.masked_fill(~keep, float("-inf")) / p.temperature).softmax(dim=-1)

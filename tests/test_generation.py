@@ -69,6 +69,32 @@ def test_sampler_never_picks_padding_rows_and_filters():
     assert {minp(probs).item() for _ in range(60)} == {0, 1}  # 0.1 < 0.4 * 0.6 is dropped
 
 
+def reference_probs(logits, p):
+    """The sampler chain written over the whole vocabulary (masks, sorts): the probabilities of each id."""
+    if 0 < p.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, p.top_k, dim=-1).values[:, -1:], float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        mass_before = sorted_logits.softmax(dim=-1).cumsum(dim=-1) - sorted_logits.softmax(dim=-1)
+        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before >= p.top_p), float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return (logits / p.temperature).softmax(dim=-1)
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(40, 0.95, 0.05), (0, 0.9, 0.0), (10, 1.0, 0.0), (0, 1.0, 0.1), (50, 0.5, 0.2), (0, 1.0, 0.0)])
+def test_sampler_distribution_matches_the_whole_vocabulary_chain(top_k, top_p, min_p):
+    """The sampler works on the top k candidates only (a partial sort): the probability it gives each
+    id equals the chain's over the whole vocabulary, for filters alone and combined."""
+    params = SamplingParams(seed=0, temperature=0.7, top_k=top_k, top_p=top_p, min_p=min_p)
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(top_k + 7)) * 3
+    ids, probs = Sampler(params, vocab_limit=5000, device=torch.device("cpu")).distribution(logits)
+    got = torch.zeros_like(logits).scatter(-1, ids, probs)
+    assert torch.allclose(got, reference_probs(logits, params), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+
+
 def test_repeat_penalty_changes_greedy_choice():
     sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0), vocab_limit=3, device=torch.device("cpu"))
     logits = torch.tensor([[2.0, 1.5, 0.0]])
