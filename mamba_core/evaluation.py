@@ -236,7 +236,9 @@ def _score_batch(model, base, batch: list[Unit], chunk_size: int, files: list[St
             ids[row, : len(piece)] = piece.ids
         ids = ids.to(model.device)
         logits = model(ids[:, :-1], caches[0])  # (b, c, vocab) float32
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (b, c)
+        # (b, c); over rows of (b c, vocab): the softmax along contiguous memory, 5-6x faster on a CPU
+        # than over the transposed (b, vocab, c) view (38% of the fixture's evaluation time)
+        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(logits.shape[:2])
         base_logits = base(ids[:, :-1], caches[1]) if base is not None else None
         for row, (unit, piece) in enumerate(zip(batch, pieces)):
             lo, hi = max(unit.first - start - 1, 0), len(piece) - 1  # targets start + 1 + [lo, hi) are scored
