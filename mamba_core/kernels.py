@@ -250,7 +250,7 @@ class CudaKernelOps(_KernelOps):
         GEMV for one row, the tensor-core kernel for a few rows and small or narrow weights; cuBLAS
         otherwise."""
         rows, k = x.numel() // x.shape[-1], x.shape[-1]
-        if rows <= self.narrow_rows and self._aligned(x, weight, scale):
+        if rows <= max(self.few_rows, self.narrow_rows) and self._aligned(x, weight, scale):
             if rows == 1:
                 return self.module.gemv(x, weight, bias)
             if self.clusters and x.dtype != torch.float32 and k <= 6144:

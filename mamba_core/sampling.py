@@ -62,10 +62,11 @@ class Sampler:
         return ids.gather(-1, choice)[:, 0]
 
     def penalized(self, logits: torch.Tensor, history: list[list[int]] | None) -> torch.Tensor:
-        """A copy of logits (b, vocab) cut to the vocabulary, with the repetition penalty applied."""
+        """logits (b, vocab) cut to the vocabulary (a view), or a copy with the repetition penalty applied."""
         p = self.params
-        logits = logits[:, : self.vocab_limit].clone()
+        logits = logits[:, : self.vocab_limit]
         if p.repeat_penalty != 1.0 and history:
+            logits = logits.clone()  # only then: the penalty writes in place, the rest of the chain does not
             for row, ids in enumerate(history):
                 recent = torch.tensor(sorted(set(ids[-p.repeat_last_n :])), dtype=torch.long, device=logits.device)
                 recent = recent[recent < self.vocab_limit]
