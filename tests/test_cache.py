@@ -8,6 +8,7 @@ import torch
 from conftest import rel_err
 from mamba_core.cache import MambaCache
 from mamba_core.config import MambaConfig
+from mamba_core.loading import load_model
 from mamba_core.model import MambaForCausalLM
 from mamba_core.ops.reference import TorchOps, scan_chunk_size, sequential_scan
 
@@ -64,6 +65,19 @@ def test_cpu_prefill_in_row_chunks_equals_prefill_at_once(tiny, length, keep):
     assert rel_err(cache.ssm_states[3], whole_cache.ssm_states[3]) <= 1e-5
     assert rel_err(cache.conv_states[5], whole_cache.conv_states[5]) <= 1e-5
     assert cache.seen_tokens == length
+
+
+def test_cpu_prefill_chunks_of_16_bit_models_take_twice_the_rows():
+    """cpu_prefill_rows counts float32 rows: a bf16 model takes twice as many per chunk (the same bytes)."""
+    model = load_model("tiny-wikitext", dtype="bfloat16", device="cpu", backend="torch").model
+    passes = []
+    hook = model.backbone.register_forward_hook(lambda *_: passes.append(1))
+    model.cpu_prefill_rows = 32  # 64 bf16 rows: 2 x 32 tokens per chunk
+    try:
+        model(_ids(2, 130, seed=5), model.make_cache(2), logits_to_keep=1)
+    finally:
+        hook.remove()
+    assert len(passes) == -(-130 // 32)
 
 
 def test_batch_equals_single(tiny):
