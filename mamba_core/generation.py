@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .cuda_graph import decoder_for
+from .cuda_graph import decoder_for, sampling_step
 from .errors import MambaUsageError
 from .model import MambaForCausalLM
 from .sampling import Sampler, SamplingParams
@@ -152,7 +152,7 @@ class Generation:
 
     def __iter__(self) -> Iterator[GenerationResponse]:
         model, results = self.model, self.results
-        sampler = Sampler(self.sampling, min(self.tokenizer.vocab_size, model.config.vocab_size), model.device)
+        sampler = Sampler(self.sampling, min(self.tokenizer.vocab_size, model.config.vocab_size))
         texts = [_RowText(self.tokenizer, self.stop) for _ in results]
         active = [True] * len(results)
         if self.max_new_tokens == 0:
@@ -163,8 +163,11 @@ class Generation:
         started = time.perf_counter()
         cache = model.make_cache(len(results))
         logits = self._prefill(cache)
-        step = decoder_for(model, cache)  # a captured CUDA graph on GPUs
         history = [list(r.prompt_ids) for r in results] if self.sampling.repeat_penalty != 1.0 else None
+        if history is None:  # the draw needs no history: on GPUs it joins the step's CUDA graph
+            step, sample = None, sampling_step(model, cache, sampler)
+        else:
+            step, sample = decoder_for(model, cache), None  # a captured CUDA graph on GPUs
         tokens = sampler(logits, history)
         self.timings.prefill_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -176,10 +179,12 @@ class Generation:
                 yield from self._advance(row, token, texts[row], index, active)
             if not any(active):
                 break
+            if sample is not None:
+                tokens = sample(tokens)
+                continue
             logits = step(tokens)
-            if history is not None:
-                for row, token in enumerate(ids):
-                    history[row].append(token)
+            for row, token in enumerate(ids):
+                history[row].append(token)
             tokens = sampler(logits, history)
         self.timings.decode_s = time.perf_counter() - started
         self.timings.generated_tokens = sum(len(r.token_ids) for r in results)
@@ -222,7 +227,7 @@ def generate_ids(model: MambaForCausalLM, input_ids: torch.Tensor, max_new_token
     input_ids (b, l) -> (b, l + max_new_tokens); rows that reach eos_token_id are padded with it.
     """
     params = SamplingParams(temperature=temperature, **sampling)
-    sampler = Sampler(params, model.config.vocab_size, model.device)
+    sampler = Sampler(params, model.config.vocab_size)
     cache = model.make_cache(input_ids.shape[0])
     logits = model(input_ids.to(model.device), cache, logits_to_keep=1)[:, -1]
     out = [input_ids.to(model.device)]

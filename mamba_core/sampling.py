@@ -2,7 +2,8 @@
 
 The order is llama.cpp's sampler chain (its defaults are ours too): repetition penalty over the
 last `repeat_last_n` tokens, then top-k, top-p and min-p on the untempered distribution, then
-temperature, then a draw from a seeded `torch.Generator` (reproducible on CPU for a given seed).
+temperature, then a draw with a number from a seeded CPU `torch.Generator` (reproducible for a given
+seed, the same on every device).
 Temperature 0 is greedy (argmax). Ids at or above the tokenizer's vocabulary size (embedding
 padding rows) are never chosen.
 """
@@ -44,21 +45,39 @@ class SamplingParams:
 
 
 class Sampler:
-    """Stateful sampler for one generation: owns the random generator and the vocabulary limit."""
+    """Stateful sampler for one generation: owns the random generator and the vocabulary limit.
 
-    def __init__(self, params: SamplingParams, vocab_limit: int, device: torch.device):
+    The chain is tensor operations only, given one uniform number per row drawn from a seeded CPU
+    generator (`uniforms`) and an inverse-CDF pick: so a CUDA graph can capture it with the model's
+    step (`cuda_graph.sampling_step`: ~10 small GPU launches per token cost an H200 decode more than
+    the model itself), and a seed gives the same draws on every device.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_limit: int):
         self.params = params
         self.vocab_limit = vocab_limit
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator()
         self.generator.manual_seed(params.seed_used)
 
     def __call__(self, logits: torch.Tensor, history: list[list[int]] | None = None) -> torch.Tensor:
         """logits (b, vocab) float32 -> next ids (b,). `history`: each row's ids so far."""
         logits = self.penalized(logits, history)
+        return self.pick(logits, self.uniforms(logits.shape[0], logits.device))
+
+    def uniforms(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The next draw's random numbers, (rows, 1) in [0, 1) on `device`; None when greedy."""
+        if self.params.temperature == 0:
+            return None
+        return torch.rand(rows, 1, generator=self.generator).to(device)
+
+    def pick(self, logits: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """ids (b,) for logits (b, vocab) after the penalty: argmax when greedy, else the candidate
+        where the cumulative probability passes u (inverse-CDF sampling from `distribution`)."""
         if self.params.temperature == 0:
             return logits.argmax(dim=-1)
         ids, probs = self.distribution(logits)
-        choice = torch.multinomial(probs, 1, generator=self.generator)  # (b, 1)
+        cdf = probs.cumsum(dim=-1)  # (b, k)
+        choice = (cdf < u * cdf[:, -1:]).sum(dim=-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
         return ids.gather(-1, choice)[:, 0]
 
     def penalized(self, logits: torch.Tensor, history: list[list[int]] | None) -> torch.Tensor:

@@ -56,16 +56,16 @@ def test_empty_prompt_starts_from_bos(tiny, tiny_tokenizer):
 
 
 def test_sampler_never_picks_padding_rows_and_filters():
-    sampler = Sampler(SamplingParams(seed=0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), vocab_limit=5, device=torch.device("cpu"))
+    sampler = Sampler(SamplingParams(seed=0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0), vocab_limit=5)
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 100.0, 100.0, 100.0]])
     assert all(sampler(logits).item() < 5 for _ in range(50))
-    top1 = Sampler(SamplingParams(seed=0, top_k=1), vocab_limit=8, device=torch.device("cpu"))
+    top1 = Sampler(SamplingParams(seed=0, top_k=1), vocab_limit=8)
     logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(top1(logits), logits.argmax(-1))
-    nucleus = Sampler(SamplingParams(seed=0, top_k=0, top_p=0.5, min_p=0.0), vocab_limit=3, device=torch.device("cpu"))
+    nucleus = Sampler(SamplingParams(seed=0, top_k=0, top_p=0.5, min_p=0.0), vocab_limit=3)
     probs = torch.tensor([[0.6, 0.3, 0.1]]).log()
     assert all(nucleus(probs).item() == 0 for _ in range(30))  # 0.6 >= 0.5 alone
-    minp = Sampler(SamplingParams(seed=0, top_k=0, top_p=1.0, min_p=0.4), vocab_limit=3, device=torch.device("cpu"))
+    minp = Sampler(SamplingParams(seed=0, top_k=0, top_p=1.0, min_p=0.4), vocab_limit=3)
     assert {minp(probs).item() for _ in range(60)} == {0, 1}  # 0.1 < 0.4 * 0.6 is dropped
 
 
@@ -89,14 +89,27 @@ def test_sampler_distribution_matches_the_whole_vocabulary_chain(top_k, top_p, m
     id equals the chain's over the whole vocabulary, for filters alone and combined."""
     params = SamplingParams(seed=0, temperature=0.7, top_k=top_k, top_p=top_p, min_p=min_p)
     logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(top_k + 7)) * 3
-    ids, probs = Sampler(params, vocab_limit=5000, device=torch.device("cpu")).distribution(logits)
+    ids, probs = Sampler(params, vocab_limit=5000).distribution(logits)
     got = torch.zeros_like(logits).scatter(-1, ids, probs)
     assert torch.allclose(got, reference_probs(logits, params), rtol=1e-5, atol=1e-7)
     assert torch.allclose(probs.sum(-1), torch.ones(3))
 
 
+def test_sampler_draws_follow_its_distribution():
+    """The inverse-CDF pick over the candidates: 40,000 rows drawn at once, each id's frequency
+    within 4.5 standard deviations of its probability; filtered ids never drawn."""
+    params = SamplingParams(seed=1, temperature=0.8, top_k=5, top_p=0.9, min_p=0.05)
+    sampler = Sampler(params, vocab_limit=8)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.9, 0.2, -1.0, 3.0, -3.0]]).expand(40000, 8)
+    ids, probs = sampler.distribution(logits[:1])
+    want = torch.zeros(8).scatter(0, ids[0], probs[0])
+    got = torch.bincount(sampler(logits), minlength=8).double() / 40000
+    sd = (want * (1 - want) / 40000).sqrt()
+    assert ((got - want).abs() <= 4.5 * sd + 1e-12).all() and (got[want == 0] == 0).all()
+
+
 def test_repeat_penalty_changes_greedy_choice():
-    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0), vocab_limit=3, device=torch.device("cpu"))
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0), vocab_limit=3)
     logits = torch.tensor([[2.0, 1.5, 0.0]])
     assert sampler(logits, [[0]]).item() == 1
 
