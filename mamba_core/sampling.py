@@ -2,8 +2,8 @@
 
 The order is llama.cpp's sampler chain (its defaults are ours too): repetition penalty over the
 last `repeat_last_n` tokens, then top-k, top-p and min-p on the untempered distribution, then
-temperature, then a draw with a number from a seeded CPU `torch.Generator` (reproducible for a given
-seed, the same on every device).
+temperature, then the draw: an inverse-CDF pick with one number per row from a seeded CPU
+`torch.Generator` (reproducible for a given seed, and the same on every device).
 Temperature 0 is greedy (argmax). Ids at or above the tokenizer's vocabulary size (embedding
 padding rows) are never chosen.
 """
