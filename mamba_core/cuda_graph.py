@@ -72,10 +72,11 @@ def decoder_for(model: MambaForCausalLM, cache: MambaCache):
     return step or (lambda tokens: model(tokens[:, None], cache, logits_to_keep=1)[:, -1])
 
 
-def sampling_step(model: MambaForCausalLM, cache: MambaCache, sampler: Sampler):
-    """tokens (b,) -> the next tokens (b,) drawn by `sampler` (without a repetition penalty), the
-    cache advanced: on CUDA model and draw replay as one graph, elsewhere `sampler(decoder_for(...))`."""
-    if model.device.type == "cuda" and model.backend != "torch":
+def sampling_step(model: MambaForCausalLM, cache: MambaCache, sampler: Sampler, history: list[list[int]] | None = None):
+    """tokens (b,) -> the next tokens (b,) drawn by `sampler`, the cache advanced. Without a
+    `history` (the repetition penalty's, which the caller keeps up to date) model and draw replay as
+    one graph on CUDA; otherwise `sampler(decoder_for(...)(tokens), history)`."""
+    if history is None and model.device.type == "cuda" and model.backend != "torch":
         return GraphedDecoder(model, cache, sampler).sample
     step = decoder_for(model, cache)
-    return lambda tokens: sampler(step(tokens))
+    return lambda tokens: sampler(step(tokens), history)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .cuda_graph import decoder_for, sampling_step
+from .cuda_graph import sampling_step
 from .errors import MambaUsageError
 from .model import MambaForCausalLM
 from .sampling import Sampler, SamplingParams
@@ -164,10 +164,7 @@ class Generation:
         cache = model.make_cache(len(results))
         logits = self._prefill(cache)
         history = [list(r.prompt_ids) for r in results] if self.sampling.repeat_penalty != 1.0 else None
-        if history is None:  # the draw needs no history: on GPUs it joins the step's CUDA graph
-            step, sample = None, sampling_step(model, cache, sampler)
-        else:
-            step, sample = decoder_for(model, cache), None  # a captured CUDA graph on GPUs
+        advance = sampling_step(model, cache, sampler, history)  # one CUDA graph with the draw on GPUs, without a history
         tokens = sampler(logits, history)
         self.timings.prefill_s = time.perf_counter() - started
         started = time.perf_counter()
@@ -179,13 +176,10 @@ class Generation:
                 yield from self._advance(row, token, texts[row], index, active)
             if not any(active):
                 break
-            if sample is not None:
-                tokens = sample(tokens)
-                continue
-            logits = step(tokens)
-            for row, token in enumerate(ids):
-                history[row].append(token)
-            tokens = sampler(logits, history)
+            if history is not None:
+                for row, token in enumerate(ids):
+                    history[row].append(token)
+            tokens = advance(tokens)
         self.timings.decode_s = time.perf_counter() - started
         self.timings.generated_tokens = sum(len(r.token_ids) for r in results)
 
