@@ -113,10 +113,10 @@ def test_add_rms_norm_matches_torch(kernels, dtype, residual_fp32, first, cast_i
 @pytest.mark.parametrize("n", [16, 4, 1, 12])  # 12: not a power of two, the unfused fallback
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, d", [(5, 200), (33, 1000), (37, 4000)])
-def test_decode_step_matches_float64(kernels, n, dtype, b, d):
+@pytest.mark.parametrize("r", [13, 48, 160])  # dt in 3 and 10 pieces per lane; 13: element by element, B and C unaligned
+def test_decode_step_matches_float64(kernels, n, dtype, b, d, r):
     """The one-token step against the float64 recurrence: a batch row per thread, and 4 per thread
     in the largest grid (37 x 125 blocks of 32 channels), the last group partial."""
-    r = 13
     x = _inputs(b, 1, d, n, seed=n)
     g = torch.Generator(device="cuda").manual_seed(1)
     low = torch.randn(b, 1, r + 2 * n, device="cuda", dtype=torch.float64, generator=g)  # as x_proj's output

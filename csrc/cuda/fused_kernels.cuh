@@ -132,7 +132,57 @@ struct StepArgs {
     void* y;
     int64_t u_sb, dl_sb, b_sb, c_sb, z_sb, w_s0;
     int dim, rank;
+    int dt_pieces;  // kDtPiece-element pieces of dt's dot product per lane (<= the kernel's P), or 0
+    bool vec;       // the state 16-byte aligned, B's and C's rows aligned to a lane's states: vector loads
 };
+
+// dt's dot product over the rank in pieces of kDtPiece consecutive elements (8 bytes of a 16-bit
+// type, 16 of float32): at one batch row per thread, a lane takes rank / (kDtPiece * L) consecutive
+// pieces (at most the kernel's P: 4, or kMaxDtPieces for ranks up to 160 at 4 lanes, every published size) of
+// dt_weight[c], loaded before the wait for the previous kernel, and of its row of dt_low, so that all
+// of its loads are in flight at once: one round trip to L2 instead of two (rank 48) to five (160).
+constexpr int kDtPiece = 4;
+constexpr int kMaxDtPieces = 10;
+template <typename T>
+using DtPiece = typename std::conditional<sizeof(T) == 4, uint4, uint2>::type;
+template <typename T>
+__device__ __forceinline__ float dot_dt_piece(const DtPiece<T>& a, const DtPiece<T>& b, float acc) {
+    const T* ap = reinterpret_cast<const T*>(&a);
+    const T* bp = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int j = 0; j < kDtPiece; j++) acc += to_f(ap[j]) * to_f(bp[j]);
+    return acc;
+}
+
+// S consecutive values at p as one 8- or 16-byte load or store where they fill one and `aligned`
+// says p is aligned to it (the state's 4 floats of a lane; B's and C's 4 bf16 values), else one by one.
+template <int S, typename T>
+__device__ __forceinline__ void load_vec(const T* p, bool aligned, float (&v)[S]) {
+    constexpr int kBytes = S * static_cast<int>(sizeof(T));
+    if constexpr (kBytes == 8 || kBytes == 16) {
+        if (aligned) {
+            using V = typename std::conditional<kBytes == 8, uint2, uint4>::type;
+            const V q = *reinterpret_cast<const V*>(p);
+            const T* e = reinterpret_cast<const T*>(&q);
+#pragma unroll
+            for (int i = 0; i < S; i++) v[i] = to_f(e[i]);
+            return;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < S; i++) v[i] = to_f(p[i]);
+}
+template <int S>
+__device__ __forceinline__ void store_vec(float* p, bool aligned, const float (&v)[S]) {
+    if constexpr (S == 4) {
+        if (aligned) {
+            *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+            return;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < S; i++) p[i] = v[i];
+}
 
 // One decode step of a layer's SSM after the conv: dt = dt_low . dt_weight[c] (rounded to T, as the
 // unfused path's matmul output is), softplus(dt + bias), the state update, the output with the D
@@ -146,8 +196,9 @@ struct StepArgs {
 // registers, no spills; a cap of 80 spilled), 3 for n = 32. One row: no bound (0), as before (48).
 constexpr int kStepRowBlocks = 4096;
 constexpr int step_min_blocks(int n, int rows) { return rows > 1 ? (n > 16 ? 3 : 5) : 0; }
-template <typename T, int N, int L, int R>
+template <typename T, int N, int L, int R, int P>
 __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel(StepArgs a, int batch) {
+    static_assert(P == 0 || R == 1, "dt in pieces at one row per thread (R rows of pieces: too many registers)");
     constexpr int kPerBlock = 128 / L, S = N / L;
     const int lane = threadIdx.x % L, b0 = blockIdx.x * R;
     const int c_wanted = blockIdx.y * kPerBlock + threadIdx.x / L;
@@ -163,31 +214,40 @@ __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel
     const float bias = a.delta_bias ? to_f(static_cast<const T*>(a.delta_bias)[c]) : 0.0f;
     const float Dc = a.D ? a.D[c] : 0.0f;
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
+    const int pieces = a.dt_pieces;
+    DtPiece<T> wp[P > 0 ? P : 1];
+#pragma unroll
+    for (int i = 0; i < P; i++)
+        if (i < pieces) wp[i] = reinterpret_cast<const DtPiece<T>*>(w)[lane * pieces + i];
     wait_for_previous();
     int rows[R];  // batch rows, the last repeated past the batch's end (computed, not stored)
     float h[R][S], Bv[R][S], Cv[R][S], u[R], zv[R], acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const int b = rows[r] = min(b0 + r, batch - 1);
-        const float* st = a.state + ((int64_t)b * a.dim + c) * N + lane * S;
-        const T* Bp = static_cast<const T*>(a.B) + b * a.b_sb + lane * S;
-        const T* Cp = static_cast<const T*>(a.C) + b * a.c_sb + lane * S;
-#pragma unroll
-        for (int i = 0; i < S; i++) {
-            h[r][i] = st[i];
-            Bv[r][i] = to_f(Bp[i]);
-            Cv[r][i] = to_f(Cp[i]);
-        }
+        load_vec(a.state + ((int64_t)b * a.dim + c) * N + lane * S, a.vec, h[r]);
+        load_vec(static_cast<const T*>(a.B) + b * a.b_sb + lane * S, a.vec, Bv[r]);
+        load_vec(static_cast<const T*>(a.C) + b * a.c_sb + lane * S, a.vec, Cv[r]);
         u[r] = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
         zv[r] = a.z ? to_f(static_cast<const T*>(a.z)[b * a.z_sb + c]) : 0.0f;
         acc[r] = 0.0f;
     }
     const T* dl = static_cast<const T*>(a.dt_low);
-#pragma unroll (8 / R)
-    for (int j = lane; j < a.rank; j += L) {  // unrolled: 8 loads of dt_low in flight, not R
-        const float wj = to_f(w[j]);
+    if constexpr (P > 0) {
+        const DtPiece<T>* d = reinterpret_cast<const DtPiece<T>*>(dl + rows[0] * a.dl_sb) + lane * pieces;
 #pragma unroll
-        for (int r = 0; r < R; r++) acc[r] += to_f(dl[rows[r] * a.dl_sb + j]) * wj;
+        for (int i = 0; i < P; i++)
+            if (i < pieces) {
+                const DtPiece<T> dv = d[i];  // a copy: through a reference the compiler loads element by element
+                acc[0] = dot_dt_piece<T>(dv, wp[i], acc[0]);
+            }
+    } else {
+#pragma unroll (8 / R)
+        for (int j = lane; j < a.rank; j += L) {  // unrolled: 8 loads of dt_low in flight, not R
+            const float wj = to_f(w[j]);
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r] += to_f(dl[rows[r] * a.dl_sb + j]) * wj;
+        }
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -202,11 +262,7 @@ __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel
             p += h[r][i] * Cv[r][i];
         }
         const bool stored = active && b0 + r < batch;
-        if (stored) {
-            float* st = a.state + ((int64_t)rows[r] * a.dim + c) * N + lane * S;
-#pragma unroll
-            for (int i = 0; i < S; i++) st[i] = h[r][i];
-        }
+        if (stored) store_vec(a.state + ((int64_t)rows[r] * a.dim + c) * N + lane * S, a.vec, h[r]);
 #pragma unroll
         for (int off = L / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, L);
         if (stored && lane == 0) {

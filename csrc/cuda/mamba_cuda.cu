@@ -77,6 +77,8 @@ void launch_early(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
     launch_with(kernel, grid, block, smem, stream, early, 0, args...);
 }
 
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 void check_last(const torch::Tensor& t, const char* name) {
     TORCH_CHECK(t.is_cuda() && t.dim() == 3 && t.stride(2) == 1, name, " must be a CUDA (b, l, c) tensor with unit stride on c");
 }
@@ -208,12 +210,24 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
         // mamba-1.4b at batch 64 4.65 -> 3.61 ms per token, 2.8b at 32 5.13 -> 4.47; 1-2% slower in
         // grids of up to 4,096 blocks: 1.4b at 32, 130m at 64).
         auto launch = [&](auto n) {
-            constexpr int N = decltype(n)::value, L = N < 4 ? N : 4;
+            constexpr int N = decltype(n)::value, L = N < 4 ? N : 4, S = N / L;
             const int channel_blocks = (dim + 128 / L - 1) / (128 / L);
+            const int64_t elem = sizeof(T);
+            a.vec = aligned(state.data_ptr(), 16) && aligned(B.data_ptr(), S * elem) && aligned(C.data_ptr(), S * elem) &&
+                    B.stride(0) % S == 0 && C.stride(0) % S == 0;
+            const int per_lane = kDtPiece * L, rank = a.rank;
+            const bool dt_vec = rank % per_lane == 0 && rank / per_lane <= kMaxDtPieces && a.w_s0 % kDtPiece == 0 &&
+                                a.dl_sb % kDtPiece == 0 && aligned(dt_weight.data_ptr(), kDtPiece * elem) && aligned(dt_low.data_ptr(), kDtPiece * elem);
+            a.dt_pieces = dt_vec ? rank / per_lane : 0;
+            const dim3 one_row(batch, channel_blocks);
             if (static_cast<int64_t>(batch) * channel_blocks > kStepRowBlocks)
-                launch_early(decode_step_kernel<T, N, L, 4>, dim3((batch + 3) / 4, channel_blocks), 128, 0, stream, true, a, batch);
+                launch_early(decode_step_kernel<T, N, L, 4, 0>, dim3((batch + 3) / 4, channel_blocks), 128, 0, stream, true, a, batch);
+            else if (a.dt_pieces == 0)
+                launch_early(decode_step_kernel<T, N, L, 1, 0>, one_row, 128, 0, stream, true, a, batch);
+            else if (a.dt_pieces <= 4)
+                launch_early(decode_step_kernel<T, N, L, 1, 4>, one_row, 128, 0, stream, true, a, batch);
             else
-                launch_early(decode_step_kernel<T, N, L, 1>, dim3(batch, channel_blocks), 128, 0, stream, true, a, batch);
+                launch_early(decode_step_kernel<T, N, L, 1, kMaxDtPieces>, one_row, 128, 0, stream, true, a, batch);
         };
         switch (nstate) {
             case 1: launch(std::integral_constant<int, 1>()); break;
@@ -233,8 +247,8 @@ torch::Tensor decode_step(torch::Tensor u, torch::Tensor dt_low, torch::Tensor d
 void check_row(const torch::Tensor& x, const torch::Tensor& weight) {
     const int64_t k = x.size(-1), vec = 16 / x.element_size();
     TORCH_CHECK(x.is_cuda() && x.numel() == k && x.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
-                weight.size(1) == k && k % vec == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+                weight.size(1) == k && k % vec == 0 && aligned(x.data_ptr(), 16) &&
+                aligned(weight.data_ptr(), 16),
                 "one-row kernels: x one contiguous row, weight (n, k) contiguous in x's dtype, k a multiple of ", vec, ", 16-byte aligned");
 }
 
@@ -273,7 +287,7 @@ torch::Tensor rows_gemm(torch::Tensor x, torch::Tensor weight, c10::optional<tor
     const auto type = x.scalar_type();
     TORCH_CHECK(x.is_cuda() && x.is_contiguous() && (type == torch::kBFloat16 || type == torch::kHalf) && weight.scalar_type() == type &&
                 weight.is_contiguous() && weight.size(1) == k && k % 8 == 0 && m >= 1 && m <= 64 && (cols == 16 || cols == 64) &&
-                reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+                aligned(x.data_ptr(), 16) && aligned(weight.data_ptr(), 16),
                 "rows_gemm: 1..64 contiguous rows of bf16/fp16 x, weight (n, k) contiguous in x's dtype, k a multiple of 8, 16-byte aligned, cols 16 or 64");
     const c10::cuda::CUDAGuard guard(x.device());
     const auto* props = at::cuda::getCurrentDeviceProperties();
