@@ -52,34 +52,61 @@ __device__ __forceinline__ R residual_sum(const T* x, const R* residual, int i) 
 
 // One row by one block of kNormThreads: out = weight * T(s' * rsqrt(mean(s'^2) + eps)) with s' = s
 // rounded to T when cast_input (a block's norm) or s itself (the final norm), every rounding where
-// transformers' torch code has one; s is stored to res_out unless it is null (the second pass
-// recomputes s rather than reading it back, so that blocks which do not store it can run this too).
-template <typename T, typename R>
+// transformers' torch code has one; s is stored to res_out unless it is null. The row goes in rounds
+// of HELD elements per thread (one round up to 3,072 at kNormHeld: every published size), each round's loads
+// (s and the weight) issued together before any store: a store to res_out may alias x for the
+// compiler, so a load after it waits for it, and one element at a time made every element a round
+// trip to L2. The second pass reuses the held values of a one-round row and recomputes s otherwise.
+constexpr int kNormHeld = 12;
+template <int HELD, typename T, typename R>
 __device__ __forceinline__ void block_add_rms_norm(const T* x, const R* residual, const T* weight, T* out, R* res_out, int h, float eps,
                                                    bool cast_input) {
+    constexpr int kRound = HELD * kNormThreads;
+    R s[HELD];
+    T wv[HELD];
+    auto load = [&](int base) {
+#pragma unroll
+        for (int j = 0; j < HELD; j++) {
+            const int i = base + j * kNormThreads + threadIdx.x;
+            if (i < h) {
+                s[j] = residual_sum(x, residual, i);
+                wv[j] = weight[i];
+            }
+        }
+    };
+    auto cast = [&](R v) { return cast_input ? to_f(from_f<T>(to_f(v))) : to_f(v); };
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < h; i += kNormThreads) {
-        const R s = residual_sum(x, residual, i);
-        if (res_out != nullptr) res_out[i] = s;
-        const float v = cast_input ? to_f(from_f<T>(to_f(s))) : to_f(s);
-        ss += v * v;
+    for (int base = 0; base < h; base += kRound) {
+        load(base);
+#pragma unroll
+        for (int j = 0; j < HELD; j++) {
+            const int i = base + j * kNormThreads + threadIdx.x;
+            if (i < h) {
+                if (res_out != nullptr) res_out[i] = s[j];
+                const float v = cast(s[j]);
+                ss += v * v;
+            }
+        }
     }
     const float scale = 1.0f / sqrtf(block_sum(ss) / h + eps);
-    for (int i = threadIdx.x; i < h; i += kNormThreads) {
-        const R s = residual_sum(x, residual, i);
-        const float v = cast_input ? to_f(from_f<T>(to_f(s))) : to_f(s);
-        out[i] = from_f<T>(to_f(weight[i]) * to_f(from_f<T>(v * scale)));
+    for (int base = 0; base < h; base += kRound) {
+        if (h > kRound) load(base);
+#pragma unroll
+        for (int j = 0; j < HELD; j++) {
+            const int i = base + j * kNormThreads + threadIdx.x;
+            if (i < h) out[i] = from_f<T>(to_f(wv[j]) * to_f(from_f<T>(cast(s[j]) * scale)));
+        }
     }
 }
 
 // The residual add + RMSNorm of many rows, one per block (prompts, and the final norm).
-template <typename T, typename R>
+template <typename T, typename R, int HELD>
 __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(const T* x, const R* residual, const T* weight, T* out, R* res_out,
                                                                     int h, float eps, bool cast_input) {
     start_next_early();
     wait_for_previous();
     const int64_t row = blockIdx.x;
-    block_add_rms_norm(x + row * h, residual != nullptr ? residual + row * h : nullptr, weight, out + row * h, res_out + row * h, h, eps, cast_input);
+    block_add_rms_norm<HELD>(x + row * h, residual != nullptr ? residual + row * h : nullptr, weight, out + row * h, res_out + row * h, h, eps, cast_input);
 }
 
 // One channel of a causal conv step, its loads in parts so that they can be issued early:
@@ -355,7 +382,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const T* x, const T* w, const
 // conv is channel-local: the warp that computed x_c updates conv state c and writes silu(conv));
 // rows [d, 2d) give z. x_c is rounded to T before the conv, as the unfused path stores it.
 template <typename T, typename R, int K, int H>
-__global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T* x, const R* residual, const T* norm_w, R* res_out, float eps,
+__global__ void __launch_bounds__(kNormThreads, 4) norm_in_proj_conv_kernel(const T* x, const R* residual, const T* norm_w, R* res_out, float eps,
                                                                          const T* w, const T* bias, ConvArgs conv, T* z, int k) {
     extern __shared__ __align__(16) unsigned char smem[];
     T* normed = reinterpret_cast<T*>(smem);  // (k,)
@@ -371,7 +398,8 @@ __global__ void __launch_bounds__(kNormThreads) norm_in_proj_conv_kernel(const T
     if (H > 0 && conv_lane) chan.load_taps(conv, row);  // one-wave grids: all blocks are resident, loading early
     wait_for_previous();
     if (H > 0 && conv_lane) chan.load_state(st);  // in flight during the norm
-    block_add_rms_norm(x, residual, norm_w, normed, blockIdx.x == 0 ? res_out : nullptr, k, eps, true);
+    // (4 elements held per thread, rows up to 1,024 in one round, with H weight pieces: 104 registers at 12)
+    block_add_rms_norm<(H > 0 ? 4 : kNormHeld)>(x, residual, norm_w, normed, blockIdx.x == 0 ? res_out : nullptr, k, eps, true);
     __syncthreads();
     if (warp_row >= 2 * conv.dim) return;
     const float acc = warp_dot<H>(normed, held, w_row, k);
