@@ -2,7 +2,8 @@
 
 Tests, named as llama-bench names them:
   pp<N>        prefill: N prompt tokens from an empty state (logits for the last token only)
-  tg<N>        decode: N tokens, one forward each, from the cache
+  tg<N>        decode: N tokens, one forward each, from the cache, greedy as `mamba generate --temp 0`
+               decodes (on CUDA one graph per token with the argmax in it)
   tg<N>@d<D>   decode after a D-token prompt (not timed): Mamba's decode cost does not grow with D
 Achieved rates: prefill GFLOP/s counts the matmul FLOPs (2 x tokens x matmul weights; the scan's
 few FLOPs per state element are left out), decode GB/s counts the weights read per step (every
@@ -20,8 +21,9 @@ import time
 import torch
 
 from .allocator import release_freed_memory
-from .cuda_graph import decoder_for
+from .cuda_graph import sampling_step
 from .model import MambaForCausalLM
+from .sampling import Sampler, SamplingParams
 
 
 @dataclasses.dataclass
@@ -99,11 +101,11 @@ def _run_once(model: MambaForCausalLM, case: BenchCase, generator: torch.Generat
     ids = torch.randint(0, vocab, (case.batch, max(case.depth, 1)), generator=generator).to(device)
     logits = model(ids, cache, logits_to_keep=1) if case.depth else None
     token = logits[:, -1].argmax(-1) if logits is not None else ids[:, 0]
-    step = decoder_for(model, cache)  # graph capture (on CUDA) happens here, outside the timing
+    step = sampling_step(model, cache, Sampler(SamplingParams(temperature=0), vocab))  # graph capture (CUDA) here, untimed
     _sync(device)
     start = time.perf_counter()
     for _ in range(case.n_gen):
-        token = step(token).argmax(-1)
+        token = step(token)
     _sync(device)
     return time.perf_counter() - start, case.batch * case.n_gen
 

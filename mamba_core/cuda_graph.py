@@ -41,19 +41,25 @@ class GraphedDecoder:
         cache.seen_tokens = saved.seen_tokens
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.model(self.tokens, self.cache, logits_to_keep=1)
-        return logits, (self.sampler.pick(self.sampler.penalized(logits[:, -1], None), self.u) if self.sampler else None)
+        if self.sampler is None:
+            return self.model(self.tokens, self.cache, logits_to_keep=1), None
+        # A greedy draw takes the model dtype's logits (the same argmax, one conversion kernel
+        # fewer); the draw writes the next tokens into the graph's own input buffer, so that feeding
+        # them back (`sample(sample(t))`) needs no copy.
+        logits = self.model(self.tokens, self.cache, logits_to_keep=1, float_logits=self.sampler.params.temperature != 0)
+        return logits, self.sampler.pick(self.sampler.penalized(logits[:, -1], None), self.u, out=self.tokens[:, 0])
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b,) on the device -> logits (b, vocab) after them; the cache advances one step."""
-        self.tokens.copy_(tokens[:, None])
+        if tokens.data_ptr() != self.tokens.data_ptr():  # else: the previous draw, already in place
+            self.tokens.copy_(tokens[:, None])
         self.graph.replay()
         self.cache.seen_tokens += 1
         return self.logits[:, -1]
 
     def sample(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (b,) -> the sampler's next tokens (b,) after them (a static buffer: read it before
-        the next call); the cache advances one step."""
+        """tokens (b,) -> the sampler's next tokens (b,) after them (the graph's input buffer: read
+        it before the next call); the cache advances one step."""
         u = self.sampler.uniforms(self.u.shape[0], torch.device("cpu"))
         if u is not None:
             self.u.copy_(u)  # one small host-to-device copy

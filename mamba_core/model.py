@@ -187,8 +187,11 @@ class MambaForCausalLM(nn.Module):
         return self.backbone.norm_f.weight.dtype
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits (b, l, vocab) in float32 for ids (b, l), continuing from `cache` if given.
+    def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None, logits_to_keep: int = 0,
+                float_logits: bool = True) -> torch.Tensor:
+        """Logits (b, l, vocab) in float32 (in the model dtype with `float_logits=False`: a greedy
+        draw inside a CUDA graph saves the conversion's kernel) for ids (b, l), continuing from
+        `cache` if given.
 
         `logits_to_keep=k` computes the head for the last k positions only (1 for generation).
         The cache is updated in place to the state after the last token. On the CPU, with a cache
@@ -208,7 +211,8 @@ class MambaForCausalLM(nn.Module):
         hidden = self.backbone(input_ids, cache, logits_to_keep)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
-        return self.lm_head(hidden.to(self.dtype)).float()
+        logits = self.lm_head(hidden.to(self.dtype))
+        return logits.float() if float_logits else logits
 
     def make_cache(self, batch_size: int = 1) -> MambaCache:
         """An empty cache on this model's device, conv state in the model dtype, SSM state fp32."""

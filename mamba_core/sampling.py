@@ -70,15 +70,19 @@ class Sampler:
             return None
         return torch.rand(rows, 1, generator=self.generator).to(device)
 
-    def pick(self, logits: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor, u: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
         """ids (b,) for logits (b, vocab) after the penalty: argmax when greedy, else the candidate
-        where the cumulative probability passes u (inverse-CDF sampling from `distribution`)."""
+        where the cumulative probability passes u (inverse-CDF sampling from `distribution`).
+        `out`: a (b,) tensor to write them into (a CUDA graph's own input buffer), returned."""
         if self.params.temperature == 0:
-            return logits.argmax(dim=-1)
+            return torch.argmax(logits, dim=-1, out=out)
         ids, probs = self.distribution(logits)
         cdf = probs.cumsum(dim=-1)  # (b, k)
         choice = (cdf < u * cdf[:, -1:]).sum(dim=-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
-        return ids.gather(-1, choice)[:, 0]
+        if out is None:
+            return ids.gather(-1, choice)[:, 0]
+        torch.gather(ids, -1, choice, out=out[:, None])
+        return out
 
     def penalized(self, logits: torch.Tensor, history: list[list[int]] | None) -> torch.Tensor:
         """logits (b, vocab) cut to the vocabulary (a view), or a copy with the repetition penalty applied."""

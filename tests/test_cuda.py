@@ -248,24 +248,28 @@ def test_graph_decode_equals_plain_decode():
 
 
 @pytest.mark.parametrize("dtype, batch", [("float32", 2), ("bfloat16", 1)])
-def test_sampling_in_the_graph_equals_eager_sampling(dtype, batch):
+@pytest.mark.parametrize("temperature", [1.2, 0.0])  # 0: greedy, on the model dtype's logits
+def test_sampling_in_the_graph_equals_eager_sampling(dtype, batch, temperature):
     """The draw captured with the step (`sampling_step`) picks what the eager sampler picks from the
-    same logits with the same seed, token after token; and a seed draws the same on GPU and CPU."""
+    same logits with the same seed, token after token, whether given a fresh tensor or its own output
+    (which it writes into its input buffer); and a seed draws the same on GPU and CPU."""
     from mamba_core.cuda_graph import sampling_step
     from mamba_core.sampling import Sampler, SamplingParams
 
     model = load_model("tiny-wikitext", dtype=dtype, device="cuda").model
     ids = torch.randint(0, 2045, (batch, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    params = SamplingParams(seed=5, temperature=1.2)
+    params = SamplingParams(seed=5, temperature=temperature)
     plain, graphed = model.make_cache(batch), model.make_cache(batch)
     eager, fused = Sampler(params, 2045), Sampler(params, 2045)
     token = eager(model(ids, plain, logits_to_keep=1)[:, -1])
     assert torch.equal(fused(model(ids, graphed, logits_to_keep=1)[:, -1]), token)
     sample = sampling_step(model, graphed, fused)
-    for _ in range(20):
+    drawn = token
+    for i in range(20):
         want = eager(model(token[:, None], plain, logits_to_keep=1)[:, -1])
-        token = sample(token).clone()
-        assert torch.equal(token, want)
+        drawn = sample(drawn.clone() if i < 10 else drawn)  # the last 10 fed back in place
+        assert torch.equal(drawn, want)
+        token = want
     logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * 3
     assert torch.equal(Sampler(params, 4990)(logits.cuda()).cpu(), Sampler(params, 4990)(logits))
 
