@@ -220,7 +220,8 @@ __device__ __forceinline__ void store_vec(float* p, bool aligned, const float (&
 // element is read once for R rows and the R rows' loads are in flight together: R = 4 for grids of
 // more than kStepRowBlocks blocks of one row (2-3 waves of blocks instead of 6 or more), 1 otherwise.
 // The blocks per SM whose registers the compiler must leave room for with 4 rows: 5 for n <= 16 (96
-// registers, no spills; a cap of 80 spilled), 3 for n = 32. One row: no bound (0), as before (48).
+// registers, no spills; a cap of 80 spilled), 3 for n = 32. One row: no bound (0): 46-50 registers
+// (dt in up to 4 pieces or element by element), 72 (10 pieces).
 constexpr int kStepRowBlocks = 4096;
 constexpr int step_min_blocks(int n, int rows) { return rows > 1 ? (n > 16 ? 3 : 5) : 0; }
 template <typename T, int N, int L, int R, int P>
