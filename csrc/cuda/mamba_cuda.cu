@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../norm_tensors.h"
+#include "decode_step.cuh"
 #include "fused_kernels.cuh"
 #include "mamba_kernels.cuh"
 #include "rows_gemm.cuh"
