@@ -89,7 +89,8 @@ def build_cuda(csrc: Path = CSRC, build: bool = True, defines: tuple[str, ...] =
         raise RuntimeError("this torch build has no CUDA support")
     major, minor = torch.cuda.get_device_capability()
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # build for this GPU only: fast
-    sources = [csrc / "cuda" / "mamba_cuda.cu", *sorted((csrc / "cuda").glob("*.cuh")), csrc / "norm_tensors.h"]
+    cuda = csrc / "cuda"  # translation units compiled in parallel (see csrc/cuda/ops.h), then the headers (hashed only)
+    sources = [*sorted(cuda.glob("*.cu")), *sorted(cuda.glob("*.cpp")), *sorted(cuda.glob("*.cuh")), *sorted(cuda.glob("*.h")), csrc / "norm_tensors.h"]
     flags = {"extra_cuda_cflags": ["-O3", "-std=c++17", *(f"-D{d}" for d in defines)], "extra_cflags": ["-O3"]}
     return _compile("cuda", sources, f"sm_{major}{minor} cuda {torch.version.cuda}", build, flags, label=f"sm_{major}{minor}")
 

@@ -11,7 +11,7 @@ namespace mamba {
 constexpr int kNormThreads = 256;
 
 // Programmatic dependent launch (sm_90+): a decode kernel launched with it (see launch_early in
-// mamba_cuda.cu) may start while the previous kernel in the stream still runs. It first lets the
+// launch.cuh) may start while the previous kernel in the stream still runs. It first lets the
 // next kernel start early too, may prefetch its weights (constant data only), and must wait for
 // the previous grid to finish before touching any activation or state. Without the launch
 // attribute, or before sm_90, both are no-ops.

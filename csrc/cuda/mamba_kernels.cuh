@@ -1,4 +1,4 @@
-// CUDA kernels for Mamba (no torch here: mamba_cuda.cu binds them), see mamba_cuda.cu's header.
+// CUDA kernels for Mamba (no torch here: scan.cu, decode.cu and gemm.cu launch them), see ops.h.
 #pragma once
 #include <cstdint>
 #include <type_traits>

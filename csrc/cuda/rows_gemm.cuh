@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kGemmThreads) rows_gemm_kernel(const T* x, con
         if (row < m && col < n) y[(int64_t)row * n + col] = from_f<T>(sum + (bias ? to_f(bias[col]) : 0.0f));
     }
 #else
-    __trap();  // launched on sm_90+ only (rows_gemm in mamba_cuda.cu checks)
+    __trap();  // launched on sm_90+ only (rows_gemm in gemm.cu checks)
 #endif
 }
 
