@@ -46,7 +46,7 @@ class GraphedDecoder:
         # A greedy draw takes the model dtype's logits (the same argmax, one conversion kernel
         # fewer); the draw writes the next tokens into the graph's own input buffer, so that feeding
         # them back (`sample(sample(t))`) needs no copy.
-        logits = self.model(self.tokens, self.cache, logits_to_keep=1, float_logits=self.sampler.params.temperature != 0)
+        logits = self.model(self.tokens, self.cache, logits_to_keep=1, float_logits=not self.sampler.greedy)
         return logits, self.sampler.pick(self.sampler.penalized(logits[:, -1], None), self.u, out=self.tokens[:, 0])
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

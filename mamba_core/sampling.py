@@ -59,6 +59,11 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(params.seed_used)
 
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: the argmax, no random numbers (the logits' dtype does not change it)."""
+        return self.params.temperature == 0
+
     def __call__(self, logits: torch.Tensor, history: list[list[int]] | None = None) -> torch.Tensor:
         """logits (b, vocab) float32 -> next ids (b,). `history`: each row's ids so far."""
         logits = self.penalized(logits, history)
@@ -66,7 +71,7 @@ class Sampler:
 
     def uniforms(self, rows: int, device: torch.device) -> torch.Tensor | None:
         """The next draw's random numbers, (rows, 1) in [0, 1) on `device`; None when greedy."""
-        if self.params.temperature == 0:
+        if self.greedy:
             return None
         return torch.rand(rows, 1, generator=self.generator).to(device)
 
@@ -74,7 +79,7 @@ class Sampler:
         """ids (b,) for logits (b, vocab) after the penalty: argmax when greedy, else the candidate
         where the cumulative probability passes u (inverse-CDF sampling from `distribution`).
         `out`: a (b,) tensor to write them into (a CUDA graph's own input buffer), returned."""
-        if self.params.temperature == 0:
+        if self.greedy:
             return torch.argmax(logits, dim=-1, out=out)
         ids, probs = self.distribution(logits)
         cdf = probs.cumsum(dim=-1)  # (b, k)

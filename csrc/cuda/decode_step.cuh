@@ -26,14 +26,6 @@ constexpr int kDtPiece = 4;
 constexpr int kMaxDtPieces = 10;
 template <typename T>
 using DtPiece = typename std::conditional<sizeof(T) == 4, uint4, uint2>::type;
-template <typename T>
-__device__ __forceinline__ float dot_dt_piece(const DtPiece<T>& a, const DtPiece<T>& b, float acc) {
-    const T* ap = reinterpret_cast<const T*>(&a);
-    const T* bp = reinterpret_cast<const T*>(&b);
-#pragma unroll
-    for (int j = 0; j < kDtPiece; j++) acc += to_f(ap[j]) * to_f(bp[j]);
-    return acc;
-}
 
 // S consecutive values at p as one 8- or 16-byte load or store where they fill one and `aligned`
 // says p is aligned to it (the state's 4 floats of a lane; B's and C's 4 bf16 values), else one by one.
@@ -121,7 +113,7 @@ __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel
         for (int i = 0; i < P; i++)
             if (i < pieces) {
                 const DtPiece<T> dv = d[i];  // a copy: through a reference the compiler loads element by element
-                acc[0] = dot_dt_piece<T>(dv, wp[i], acc[0]);
+                acc[0] = dot_piece<T>(dv, wp[i], acc[0]);
             }
     } else {
 #pragma unroll (8 / R)

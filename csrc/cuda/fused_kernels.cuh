@@ -182,12 +182,13 @@ __device__ __forceinline__ void hold_row(const T* w, int k, uint4* held) {
     if (k > kHeld) prefetch_l2(w + kHeld, (int64_t)(k - kHeld) * sizeof(T));
 }
 
-template <typename T>
-__device__ __forceinline__ float dot_piece(const uint4& a, const uint4& b, float acc) {
+// acc + a . b over the elements of T that two register pieces (uint2, uint4) hold.
+template <typename T, typename V>
+__device__ __forceinline__ float dot_piece(const V& a, const V& b, float acc) {
     const T* ap = reinterpret_cast<const T*>(&a);
     const T* bp = reinterpret_cast<const T*>(&b);
 #pragma unroll
-    for (int j = 0; j < 16 / static_cast<int>(sizeof(T)); j++) acc += to_f(ap[j]) * to_f(bp[j]);
+    for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(T)); j++) acc += to_f(ap[j]) * to_f(bp[j]);
     return acc;
 }
 
