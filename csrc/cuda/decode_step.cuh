@@ -27,36 +27,6 @@ constexpr int kMaxDtPieces = 10;
 template <typename T>
 using DtPiece = typename std::conditional<sizeof(T) == 4, uint4, uint2>::type;
 
-// S consecutive values at p as one 8- or 16-byte load or store where they fill one and `aligned`
-// says p is aligned to it (the state's 4 floats of a lane; B's and C's 4 bf16 values), else one by one.
-template <int S, typename T>
-__device__ __forceinline__ void load_vec(const T* p, bool aligned, float (&v)[S]) {
-    constexpr int kBytes = S * static_cast<int>(sizeof(T));
-    if constexpr (kBytes == 8 || kBytes == 16) {
-        if (aligned) {
-            using V = typename std::conditional<kBytes == 8, uint2, uint4>::type;
-            const V q = *reinterpret_cast<const V*>(p);
-            const T* e = reinterpret_cast<const T*>(&q);
-#pragma unroll
-            for (int i = 0; i < S; i++) v[i] = to_f(e[i]);
-            return;
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < S; i++) v[i] = to_f(p[i]);
-}
-template <int S>
-__device__ __forceinline__ void store_vec(float* p, bool aligned, const float (&v)[S]) {
-    if constexpr (S == 4) {
-        if (aligned) {
-            *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-            return;
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < S; i++) p[i] = v[i];
-}
-
 // One decode step of a layer's SSM after the conv: dt = dt_low . dt_weight[c] (rounded to T, as the
 // unfused path's matmul output is), softplus(dt + bias), the state update, the output with the D
 // skip and the SiLU gate. L lanes per channel (a power of two dividing 32), each holding N / L

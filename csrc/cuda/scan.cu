@@ -2,20 +2,28 @@
 #include "fused_kernels.cuh"
 #include "launch.cuh"
 #include "mamba_kernels.cuh"
+#include "scan_kernel.cuh"
 
 using namespace mamba;
 
 namespace {
 
-// The scan kernel with the fewest states per thread P (a power of two) that holds per_thread.
+// The scan kernel with the fewest states per thread P (a power of two) that holds per_thread; its
+// vector-load form where every tile row is whole 16-byte vectors (`vec`, checked by the caller) and
+// the state size is exactly kSplit * P (no padded columns in the B and C tiles).
 template <typename T, int P>
-void launch_scan(int per_thread, dim3 grid, cudaStream_t stream, const ScanArgs& a) {
-    if constexpr (P * kSplit >= 64) {
-        scan_kernel<T, P><<<grid, kThreads, 0, stream>>>(a);  // n <= 64 is checked by the caller
-    } else {
-        if (per_thread <= P) scan_kernel<T, P><<<grid, kThreads, 0, stream>>>(a);
-        else launch_scan<T, P * 2>(per_thread, grid, stream, a);
+void launch_scan(int per_thread, bool vec, dim3 grid, cudaStream_t stream, const ScanArgs& a) {
+    if (per_thread > P) {
+        if constexpr (P * kSplit < 64) launch_scan<T, P * 2>(per_thread, vec, grid, stream, a);  // n <= 64: checked by the caller
+        return;
     }
+    if constexpr (kScanVec && (kSplit * P) % kVec<T> == 0 && (sizeof(T) < 4 || P <= 4)) {  // (float32 from 8 states a lane: spills)
+        if (vec && a.nstate == kSplit * P) {
+            scan_kernel<T, P, true><<<grid, kThreads, 0, stream>>>(a);
+            return;
+        }
+    }
+    scan_kernel<T, P, false><<<grid, kThreads, 0, stream>>>(a);
 }
 
 }  // namespace
@@ -45,9 +53,13 @@ at::Tensor selective_scan(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tens
     const dim3 grid(batch, (dim + kChannels - 1) / kChannels);
     auto stream = at::cuda::getCurrentCUDAStream();
     const int per_thread = (nstate + kSplit - 1) / kSplit;
+    const int64_t item = u.element_size();  // 16-byte vectors: every tile's rows and batch offsets aligned, whole vectors of channels
+    bool vec = dim % (16 / item) == 0;
+    for (const at::Tensor* t : {&u, &delta, &B, &C, z.has_value() ? &*z : &u})
+        vec = vec && aligned(t->data_ptr(), 16) && t->stride(0) * item % 16 == 0 && t->stride(1) * item % 16 == 0;
     dispatch(u.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        launch_scan<T, 1>(per_thread, grid, stream, a);
+        launch_scan<T, 1>(per_thread, vec, grid, stream, a);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
