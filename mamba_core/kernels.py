@@ -261,6 +261,14 @@ class CudaKernelOps(_KernelOps):
                     return self.module.rows_gemm(x, weight, bias, 0, 16)
         return super().linear(x, weight, bias, scale)
 
+    def argmax(self, x, out):
+        """Ours (one block per row, launched early): torch's reduction took 15 us of a 250 us 130m
+        decode step on an H200 for one 50,280-logit row."""
+        if x.dim() != 2 or x.stride(-1) != 1 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or out.dtype != torch.long:
+            return super().argmax(x, out)
+        self.module.argmax(x, out)
+        return out
+
     def block_step(self, x, residual, norm_w, eps, residual_fp32, w, conv_state, ssm_state):
         res_dtype = torch.float32 if residual_fp32 else x.dtype
         if not (x.numel() == x.shape[-1] and self._aligned(x, w.in_w, w.in_scale) and norm_w.dtype == x.dtype and 2 <= w.conv_w.shape[1] <= 4

@@ -157,6 +157,26 @@ def test_gemv_matches_float64(kernels, dtype, rows, n, k, bias):
     assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, n, skip, limit", [(1, 50280, 0, 50277), (1, 50280, 0, 50280), (64, 50280, 0, 50277), (3, 2048, 0, 2045),
+                                                  (3, 2048, 1, 2045), (2, 40, 0, 9)])
+def test_argmax_matches_torch(kernels, dtype, rows, n, skip, limit):
+    """Greedy draws: the first index of the largest value per row, as torch.argmax, over logits
+    [skip, limit) of n (the tokenizer's vocabulary: a strided view; skip 1: rows not 16-byte aligned),
+    with ties (rounded to few values), NaN (counts as largest) and -0 / +0 rows."""
+    g = torch.Generator(device="cuda").manual_seed(n + rows)
+    logits = torch.randn(rows, n, device="cuda", generator=g).to(dtype)
+    logits[0] = (logits[0] * 2).round()  # many ties at the maximum
+    if rows > 2:
+        logits[1, limit // 3] = logits[1, limit // 2] = float("nan")
+        logits[2, :] = -0.0
+        logits[2, limit // 2] = 0.0
+    view = logits[:, skip:limit]
+    out = torch.full((rows,), -1, dtype=torch.long, device="cuda")
+    assert kernels.argmax(view, out) is out and torch.equal(out, torch.argmax(view, dim=-1))
+    assert torch.equal(kernels.argmax(view.float(), out.clone()), torch.argmax(view.float(), dim=-1))
+
+
 sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs sm_90+ (clusters)")
 
 

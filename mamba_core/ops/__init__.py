@@ -15,6 +15,7 @@ subclass, so anything they do not fuse falls back to it):
   block_step(x, residual, norm_w, eps, residual_fp32, weights, conv_state, ssm_state) -> (out, residual)   norm + mixer
   add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input) -> (normed, residual)
   linear(x, weight, bias, scale) -> y                     projections; int8 weights with scales
+  argmax(x, out) -> out                                   greedy draws: each row's first largest index
 Compiled backends (csrc/) are listed here with the device type they run on and chosen by `get_ops`; the plain-torch backend is
 the reference every other backend is tested against, and the fallback everywhere.
 """

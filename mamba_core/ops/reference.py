@@ -69,6 +69,10 @@ class TorchOps:
             weight = (weight.float() * scale[:, None]).to(x.dtype)  # (out, in)
         return F.linear(x, weight, bias)
 
+    def argmax(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (b,) = each row's argmax over x (b, n), the first index of the largest (greedy draws)."""
+        return torch.argmax(x, dim=-1, out=out)
+
     def in_proj_conv_step(self, hidden, weight, bias, scale, conv_weight, conv_bias, conv_state) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoded token's in_proj and conv step: (silu(conv(x)), z) with x, z = in_proj(hidden).
 
