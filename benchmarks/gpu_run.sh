@@ -20,6 +20,7 @@ wait
 C=benchmarks/configs
 python3 benchmarks/profile_decode.py --config $C/mamba-130m-hf --batch 1,8,64 2>&1 | tee "$OUT/profile-decode.md"
 python3 benchmarks/profile_decode.py --config $C/mamba-130m-hf --batch 8 --prompt 2048 2>&1 | tee "$OUT/profile-prefill.md"
+for batch in 1 64; do python3 benchmarks/decode_timeline.py --config $C/mamba-130m-hf --batch $batch 2>&1 | tee "$OUT/timeline-b$batch.md"; done
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 --backend torch,auto -p 2048 -g 128 -b 1 -r 3 2>&1 | tee "$OUT/bench-130m-b1.md"
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 -p 2048 -g 128 -b 8,64 -r 3 2>&1 | tee "$OUT/bench-130m-b8-64.md"
 python3 -m mamba_cli bench -m $C/mamba-130m-hf --dtype bfloat16 -p 0 -g 128 -b 2,16 -r 3 2>&1 | tee "$OUT/bench-130m-b2-16.md"

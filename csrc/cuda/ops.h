@@ -9,10 +9,12 @@
 //
 // Scan: kSplit adjacent lanes share a channel, each holding n / kSplit of its states in registers,
 // and walk the whole sequence once; every kSplit steps they reduce-scatter their partial outputs
-// with shuffles. Each chunk of kChunk steps of u, dt, z, B and C is staged in shared memory by the
-// whole block (B and C loaded once per block of channels) from loads issued during the previous
-// chunk. All arithmetic is float32; the decays use an exact polynomial exp2 for float32 inputs and
-// the hardware's ex2 for bf16/fp16 inputs (see mamba_kernels.cuh).
+// with shuffles (overlapped with the next steps). Each chunk of kChunk steps of u, dt, z, B and C is
+// staged in shared memory by the whole block (B and C loaded once per block of channels) from loads
+// issued during the previous chunk, 16-byte vectors where rows are aligned; the chunk's outputs are
+// written as vectors from shared memory too (scan_kernel.cuh). All arithmetic is float32; the decays
+// use an exact polynomial exp2 for float32 inputs and the hardware's ex2 for bf16/fp16 inputs (see
+// mamba_kernels.cuh).
 //
 // The extension is built from several translation units so that they compile in parallel: scan.cu
 // (prompt scan and conv), decode.cu (a decoded token's kernels), gemm.cu (few-row products), and
