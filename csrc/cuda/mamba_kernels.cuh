@@ -18,23 +18,30 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-// N consecutive values at p in 16-byte pieces (8-byte ones where N values fill no whole 16) where
-// `aligned` says p is aligned to the piece, else one by one: the decode step's state, B and C rows of
-// a lane, the scan's tiles and shared-memory rows. A register's address works too (unpacking a piece).
+// How N consecutive values of T move as vectors: 16-byte pieces where they fill whole ones, else
+// 8-byte pieces, else none (kBytes 0: one by one).
+template <int N, typename T>
+struct Pieces {
+    static constexpr int kAll = N * static_cast<int>(sizeof(T));
+    static constexpr int kBytes = kAll % 16 == 0 ? 16 : kAll % 8 == 0 ? 8 : 0;
+    static constexpr int kElems = kBytes / static_cast<int>(sizeof(T));
+    using Type = typename std::conditional<kBytes == 8, uint2, uint4>::type;
+};
+
+// N consecutive values at p, as Pieces where `aligned` says p is aligned to a piece, else one by one:
+// the decode step's state, B and C rows of a lane, the scan's tiles and shared-memory rows. A
+// register's address works too (unpacking a piece).
 template <int N, typename T>
 __device__ __forceinline__ void load_vec(const T* p, bool aligned, float (&v)[N]) {
-    constexpr int kBytes = N * static_cast<int>(sizeof(T));
-    constexpr int kPiece = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : 0;
-    if constexpr (kPiece > 0) {
+    using P = Pieces<N, T>;
+    if constexpr (P::kBytes > 0) {
         if (aligned) {
-            using V = typename std::conditional<kPiece == 8, uint2, uint4>::type;
-            constexpr int E = kPiece / static_cast<int>(sizeof(T));
 #pragma unroll
-            for (int i = 0; i < N; i += E) {
-                const V q = *reinterpret_cast<const V*>(p + i);
+            for (int i = 0; i < N; i += P::kElems) {
+                const typename P::Type q = *reinterpret_cast<const typename P::Type*>(p + i);
                 const T* e = reinterpret_cast<const T*>(&q);
 #pragma unroll
-                for (int j = 0; j < E; j++) v[i + j] = to_f(e[j]);
+                for (int j = 0; j < P::kElems; j++) v[i + j] = to_f(e[j]);
             }
             return;
         }
@@ -44,19 +51,16 @@ __device__ __forceinline__ void load_vec(const T* p, bool aligned, float (&v)[N]
 }
 template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, bool aligned, const float (&v)[N]) {
-    constexpr int kBytes = N * static_cast<int>(sizeof(T));
-    constexpr int kPiece = kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : 0;
-    if constexpr (kPiece > 0) {
+    using P = Pieces<N, T>;
+    if constexpr (P::kBytes > 0) {
         if (aligned) {
-            using V = typename std::conditional<kPiece == 8, uint2, uint4>::type;
-            constexpr int E = kPiece / static_cast<int>(sizeof(T));
 #pragma unroll
-            for (int i = 0; i < N; i += E) {
-                V q;
+            for (int i = 0; i < N; i += P::kElems) {
+                typename P::Type q;
                 T* e = reinterpret_cast<T*>(&q);
 #pragma unroll
-                for (int j = 0; j < E; j++) e[j] = from_f<T>(v[i + j]);
-                *reinterpret_cast<V*>(p + i) = q;
+                for (int j = 0; j < P::kElems; j++) e[j] = from_f<T>(v[i + j]);
+                *reinterpret_cast<typename P::Type*>(p + i) = q;
             }
             return;
         }

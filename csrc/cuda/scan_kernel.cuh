@@ -243,18 +243,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_kernel(ScanArgs a) 
     };
     // The chunk's outputs (after a barrier: sY is complete), by the threads that staged them.
     auto write_out = [&](int t0) {
-        if constexpr (!VEC) return;
+        if constexpr (VEC) {
 #pragma unroll
-        for (int k = 0; k < UTile::kPerThread; k++) {
-            const int t = UTile::row(k), cl = UTile::col(k);
-            if (!UTile::valid(k) || t0 + t >= a.length || c0 + cl >= a.dim) continue;
-            float sum[W], du[W], gate[W];
-            load_vec(&sY[t][cl], true, sum);
-            load_vec(&sDu[t][cl], true, du);
-            load_vec(&sZ[t][cl], true, gate);
+            for (int k = 0; k < UTile::kPerThread; k++) {
+                const int t = UTile::row(k), cl = UTile::col(k);
+                if (!UTile::valid(k) || t0 + t >= a.length || c0 + cl >= a.dim) continue;
+                float sum[W], du[W], gate[W];
+                load_vec(&sY[t][cl], true, sum);
+                load_vec(&sDu[t][cl], true, du);
+                load_vec(&sZ[t][cl], true, gate);
 #pragma unroll
-            for (int j = 0; j < W; j++) sum[j] = (sum[j] + du[j]) * gate[j];
-            store_vec(y + (int64_t)(t0 + t) * a.dim + c0 + cl, true, sum);
+                for (int j = 0; j < W; j++) sum[j] = (sum[j] + du[j]) * gate[j];
+                store_vec(y + (int64_t)(t0 + t) * a.dim + c0 + cl, true, sum);
+            }
         }
     };
     // One group of kSplit steps from g: this lane's partial outputs (its MAXN states) per step.
