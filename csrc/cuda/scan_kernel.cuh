@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_kernel(ScanArgs a) 
         }
     }
     __syncthreads();
-    write_out(t0 - kChunk);
+    if (t0 > 0) write_out(t0 - kChunk);  // the last chunk's outputs (none for an empty sequence)
     if (active) {
 #pragma unroll
         for (int i = 0; i < MAXN; i++)
