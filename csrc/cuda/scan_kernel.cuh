@@ -5,7 +5,8 @@
 // channel, each holding MAXN of its states in registers. Per chunk of kChunk steps the block stages
 // B, C, (dt, dt u), D u and silu(z) in shared memory from loads issued during the previous chunk's
 // arithmetic; then each lane walks the steps, and every kSplit steps the lanes of a channel
-// reduce-scatter their partial outputs, so that each lane finishes and writes one step's output.
+// reduce-scatter their partial outputs, so that each lane finishes one step's sum: into a tile of
+// outputs that the block writes as 16-byte vectors after the chunk (VEC), or straight to y.
 #pragma once
 #include "mamba_kernels.cuh"
 
