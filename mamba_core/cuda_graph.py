@@ -44,13 +44,12 @@ class GraphedDecoder:
         if self.sampler is None:
             return self.model(self.tokens, self.cache, logits_to_keep=1), None
         # A greedy draw takes the model dtype's logits (the same argmax, one conversion kernel
-        # fewer); the draw writes the next tokens into the graph's own input buffer, so that feeding
-        # them back (`sample(sample(t))`) needs no copy.
+        # fewer) and the ops layer's argmax (ours on CUDA, launched early); the draw writes the next
+        # tokens into the graph's own input buffer, so that feeding them back (`sample(sample(t))`)
+        # needs no copy.
         logits = self.model(self.tokens, self.cache, logits_to_keep=1, float_logits=not self.sampler.greedy)
         candidates = self.sampler.penalized(logits[:, -1], None)  # (b, vocab_limit): a view
-        if self.sampler.greedy:  # the ops layer's argmax (on CUDA ours, launched early)
-            return logits, self.model.ops.argmax(candidates, self.tokens[:, 0])
-        return logits, self.sampler.pick(candidates, self.u, out=self.tokens[:, 0])
+        return logits, self.sampler.pick(candidates, self.u, out=self.tokens[:, 0], argmax=self.model.ops.argmax)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b,) on the device -> logits (b, vocab) after them; the cache advances one step."""

@@ -75,12 +75,13 @@ class Sampler:
             return None
         return torch.rand(rows, 1, generator=self.generator).to(device)
 
-    def pick(self, logits: torch.Tensor, u: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor, u: torch.Tensor | None, out: torch.Tensor | None = None, argmax=None) -> torch.Tensor:
         """ids (b,) for logits (b, vocab) after the penalty: argmax when greedy, else the candidate
         where the cumulative probability passes u (inverse-CDF sampling from `distribution`).
-        `out`: a (b,) tensor to write them into (a CUDA graph's own input buffer), returned."""
+        `out`: a (b,) tensor to write them into (a CUDA graph's own input buffer), returned.
+        `argmax`: the ops layer's `argmax(x, out)` to use (the CUDA backend's; torch's by default)."""
         if self.greedy:
-            return torch.argmax(logits, dim=-1, out=out)
+            return argmax(logits, out) if argmax is not None else torch.argmax(logits, dim=-1, out=out)
         ids, probs = self.distribution(logits)
         cdf = probs.cumsum(dim=-1)  # (b, k)
         choice = (cdf < u * cdf[:, -1:]).sum(dim=-1, keepdim=True).clamp_max(probs.shape[-1] - 1)

@@ -25,7 +25,7 @@ struct StepArgs {
 constexpr int kDtPiece = 4;
 constexpr int kMaxDtPieces = 10;
 template <typename T>
-using DtPiece = typename std::conditional<sizeof(T) == 4, uint4, uint2>::type;
+using DtPiece = typename Pieces<kDtPiece, T>::Type;  // 8 bytes (16-bit types) or 16 (float32)
 
 // One decode step of a layer's SSM after the conv: dt = dt_low . dt_weight[c] (rounded to T, as the
 // unfused path's matmul output is), softplus(dt + bias), the state update, the output with the D

@@ -3,6 +3,7 @@
 // A decoded token used to cost ~18 kernels per layer (RMSNorm alone was 7 torch ops); with these,
 // a layer is: add + RMSNorm + in_proj + conv step (1), x_proj (1), dt_proj + scan step (1,
 // decode_step.cuh), out_proj (1), each launched early (programmatic dependent launch) on sm_90+.
+// Also the one-row GEMV (the head) and greedy decoding's argmax.
 #pragma once
 #include <cooperative_groups.h>
 
