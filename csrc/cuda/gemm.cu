@@ -24,7 +24,7 @@ void launch_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                   ConvArgs conv) {
     const auto* props = at::cuda::getCurrentDeviceProperties();
     const size_t smem = gemm_smem(MT, COLS, split, sizeof(T), K);
-    TORCH_CHECK(props->major >= 9 && smem <= props->sharedMemPerBlockOptin, "rows_gemm needs sm_90+ and k <= ~6000 (", smem,
+    TORCH_CHECK(props->major >= 9 && smem + 64 <= props->sharedMemPerBlockOptin, "rows_gemm needs sm_90+ and k <= ~6000 (", smem,
                 " bytes of shared memory for k = ", x.size(-1), ")");
     auto kernel = rows_gemm_kernel<T, MT, COLS, K>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));  // above 48 KB
