@@ -229,10 +229,6 @@ class CudaKernelOps(_KernelOps):
     # Narrow weights (x_proj: 80-160 rows, k <= 4096) also at 17-64 rows of x, in 16-column tiles:
     # 130m b64 x_proj 3.6 us against cuBLAS's 4.3 (and 5.1 in 64-column tiles), and it starts early.
     narrow_rows, narrow_cols, narrow_k = 64, 256, 4096
-    # Small weights (the 130m out_proj) also at 17-64 rows, in 32-column tiles with k split over
-    # wide_splits blocks; and at those rows in_proj takes the conv step in its epilogue
-    # (rows_gemm_conv: one block per 32 columns over the whole of k, so k <= conv_k).
-    wide_weights, wide_splits, conv_k = 1 << 22, 4, 1024
 
     def __init__(self, module, clusters: bool):
         super().__init__(module)
@@ -263,20 +259,7 @@ class CudaKernelOps(_KernelOps):
                     return self.module.rows_gemm(x, weight, bias)
                 if weight.shape[0] <= self.narrow_cols and k <= self.narrow_k:
                     return self.module.rows_gemm(x, weight, bias, 0, 16)
-                if weight.numel() <= self.wide_weights:
-                    return self.module.rows_gemm(x, weight, bias, self.wide_splits, 32)
         return super().linear(x, weight, bias, scale)
-
-    def in_proj_conv_step(self, hidden, weight, bias, scale, conv_weight, conv_bias, conv_state):
-        """17..64 rows of 16-bit activations (sm_90+): the conv step in in_proj's epilogue, one
-        kernel that starts early instead of cuBLAS's product and the conv kernel; else both."""
-        rows, k = hidden.numel() // hidden.shape[-1], hidden.shape[-1]
-        if (self.clusters and self.few_rows < rows <= self.narrow_rows and hidden.dtype != torch.float32 and k <= self.conv_k
-                and self._aligned(hidden, weight, scale) and weight.shape[0] % 64 == 0 and 2 <= conv_weight.shape[-1] <= 4
-                and conv_state.dtype == hidden.dtype and conv_state.is_contiguous() and conv_state.data_ptr() % 16 == 0):
-            u, z = self.module.rows_gemm_conv(hidden, weight, bias, conv_weight, conv_bias, conv_state)
-            return u, z
-        return super().in_proj_conv_step(hidden, weight, bias, scale, conv_weight, conv_bias, conv_state)
 
     def argmax(self, x, out):
         """Ours (a cluster of blocks per row, launched early): torch's reduction took 15 us of a 250 us

@@ -8,7 +8,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("argmax", &argmax, "each row's argmax into out, as torch.argmax (CUDA)");
     m.def("rows_gemm", &rows_gemm, "x @ W^T for 1..64 rows of 16-bit x, tensor cores (CUDA, sm_90+)", py::arg("x"), py::arg("weight"),
           py::arg("bias"), py::arg("splits") = 0, py::arg("cols") = 64);
-    m.def("rows_gemm_conv", &rows_gemm_conv, "in_proj and conv step of 1..64 decoded rows, tensor cores (CUDA, sm_90+)");
     m.def("norm_in_proj_conv_step", &norm_in_proj_conv_step, "add + RMSNorm, in_proj and conv step of one decoded token (CUDA)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
     m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");

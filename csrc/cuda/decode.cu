@@ -95,7 +95,6 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
             const bool dt_vec = rank % per_lane == 0 && rank / per_lane <= kMaxDtPieces && a.w_s0 % kDtPiece == 0 &&
                                 a.dl_sb % kDtPiece == 0 && aligned(dt_weight.data_ptr(), kDtPiece * elem) && aligned(dt_low.data_ptr(), kDtPiece * elem);
             a.dt_pieces = dt_vec ? rank / per_lane : 0;
-            a.dt_early = static_cast<int64_t>(batch) * channel_blocks <= kEarlyDtBlocks;
             const dim3 one_row(batch, channel_blocks);
             if (static_cast<int64_t>(batch) * channel_blocks > kStepRowBlocks)
                 launch_early(decode_step_kernel<T, N, L, 4, 0>, dim3((batch + 3) / 4, channel_blocks), 128, 0, stream, true, a, batch);

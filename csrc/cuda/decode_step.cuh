@@ -14,7 +14,6 @@ struct StepArgs {
     int64_t u_sb, dl_sb, b_sb, c_sb, z_sb, w_s0;
     int dim, rank;
     int dt_pieces;  // kDtPiece-element pieces of dt's dot product per lane (<= the kernel's P), or 0
-    bool dt_early;  // those pieces of dt_weight loaded before the wait (grids of up to kEarlyDtBlocks), else after it
     bool vec;       // the state 16-byte aligned, B's and C's rows aligned to a lane's states: vector loads
 };
 
@@ -25,12 +24,6 @@ struct StepArgs {
 // of its loads are in flight at once: one round trip to L2 instead of two (rank 48) to five (160).
 constexpr int kDtPiece = 4;
 constexpr int kMaxDtPieces = 10;
-// Larger grids load dt_weight after the wait: their early blocks' loads (a channel's rows once per
-// batch row, 9.4 MB for 130m at batch 64) ran beside x_proj, the previous kernel on the critical path.
-#ifndef MAMBA_STEP_EARLY_DT_BLOCKS
-#define MAMBA_STEP_EARLY_DT_BLOCKS 1024
-#endif
-constexpr int kEarlyDtBlocks = MAMBA_STEP_EARLY_DT_BLOCKS;
 template <typename T>
 using DtPiece = typename Pieces<kDtPiece, T>::Type;  // 8 bytes (16-bit types) or 16 (float32)
 
@@ -67,14 +60,10 @@ __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel
     const T* w = static_cast<const T*>(a.dt_weight) + c * a.w_s0;
     const int pieces = a.dt_pieces;
     DtPiece<T> wp[P > 0 ? P : 1];
-    auto load_dt_weight = [&] {
 #pragma unroll
-        for (int i = 0; i < P; i++)
-            if (i < pieces) wp[i] = reinterpret_cast<const DtPiece<T>*>(w)[lane * pieces + i];
-    };
-    if (a.dt_early) load_dt_weight();
+    for (int i = 0; i < P; i++)
+        if (i < pieces) wp[i] = reinterpret_cast<const DtPiece<T>*>(w)[lane * pieces + i];
     wait_for_previous();
-    if (!a.dt_early) load_dt_weight();
     int rows[R];  // batch rows, the last repeated past the batch's end (computed, not stored)
     float h[R][S], Bv[R][S], Cv[R][S], u[R], zv[R], acc[R];
 #pragma unroll
