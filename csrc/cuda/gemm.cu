@@ -79,8 +79,9 @@ void launch_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                 " bytes of shared memory (k = ", k, " in ", split.splits, " slices)");
     auto kernel = tile_gemm_kernel<T, K>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    launch_with(kernel, dim3(split.splits, static_cast<unsigned>(tiles)), kTileThreads, smem, at::cuda::getCurrentCUDAStream(), true,
-                split.splits, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
+    static const bool plain = getenv("MAMBA_TILE_PLAIN") != nullptr;  // EXPERIMENT ONLY
+    launch_with(kernel, dim3(split.splits, static_cast<unsigned>(tiles)), kTileThreads, smem, at::cuda::getCurrentCUDAStream(), !plain,
+                plain && split.splits == 1 ? 0u : static_cast<unsigned>(split.splits), static_cast<const T*>(x.data_ptr()), static_cast<const T*>(weight.data_ptr()),
                 bias.defined() ? static_cast<const T*>(bias.data_ptr()) : nullptr, y, static_cast<int>(m), static_cast<int>(n),
                 static_cast<int>(k), split.slice, conv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
