@@ -1,4 +1,4 @@
-"""Products of a few rows (decoding a batch): our tensor-core kernels (rows_gemm, tile_gemm) against cuBLAS.
+"""Products of a few rows (decoding a batch): our tensor-core kernel (rows_gemm) against cuBLAS.
 
     python benchmarks/gemm_microbench.py [--rows 2,8,64]
 
@@ -52,15 +52,13 @@ def main() -> None:
     parser.add_argument("--rows", default="2,8,64")
     parser.add_argument("--splits", default="0,2,4,8", help="blocks per cluster to try (0: the kernel's own choice)")
     parser.add_argument("--cols", default="64", help="output columns per cluster to try (64, 16)")
-    parser.add_argument("--tile-splits", default="0", help="blocks per cluster to try with tile_gemm (0: its own choice; empty: none)")
     parser.add_argument("--only", default="", help="products whose name contains this")
     args = parser.parse_args()
     module = cuda_backend("cuda").module
     variants = [(int(s), int(c)) for c in args.cols.split(",") for s in args.splits.split(",")]
-    tiles = [int(s) for s in args.tile_splits.split(",") if s]
-    heads = " | ".join([f"ours s={s or 'auto'} c={c} us" for s, c in variants] + [f"tile s={s or 'auto'} us" for s in tiles])
+    heads = " | ".join(f"ours s={s or 'auto'} c={c} us" for s, c in variants)
     print(f"| product | rows | cuBLAS us | {heads} | ours GB/s | max rel. difference |")
-    print("|---|---:|---:|" + "---:|" * (len(variants) + len(tiles) + 2))
+    print("|---|---:|---:|" + "---:|" * (len(variants) + 2))
     for name, (n, k) in SHAPES.items():
         if args.only not in name:
             continue
@@ -74,9 +72,6 @@ def main() -> None:
                 slice_ = -(-k // s + 63) // 64 * 64 if s else 0  # shared memory for the slices of x and w (gemm_smem)
                 fits = s == 0 or (16 * -(-rows // 16) + c) * (slice_ + 8) * 2 + 2 * 16 * -(-rows // 16) * c * 4 <= 227 * 1024
                 times.append(time_graph(lambda: module.rows_gemm(x, w, None, s, c)) if fits else float("nan"))  # noqa: B023
-            for s in tiles:
-                diff = max(diff, ((module.tile_gemm(x, w, None, s).float() - ref.float()).abs().max() / ref.float().abs().max()).item())
-                times.append(time_graph(lambda: module.tile_gemm(x, w, None, s)))  # noqa: B023
             t_cublas = time_graph(lambda: F.linear(x, w))  # noqa: B023
             cells = " | ".join(f"{t:.2f}" for t in times)
             print(f"| {name} | {rows} | {t_cublas:.2f} | {cells} | {n * k * 2 / times[0] / 1e3:,.0f} | {diff:.1e} |", flush=True)

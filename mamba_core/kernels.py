@@ -229,10 +229,6 @@ class CudaKernelOps(_KernelOps):
     # Narrow weights (x_proj: 80-160 rows, k <= 4096) also at 17-64 rows of x, in 16-column tiles:
     # 130m b64 x_proj 3.6 us against cuBLAS's 4.3 (and 5.1 in 64-column tiles), and it starts early.
     narrow_rows, narrow_cols, narrow_k = 64, 256, 4096
-    # Other weights of at most tile_weights elements (the 130m in_proj and out_proj) at 17-64 rows:
-    # the (64, 64)-tile kernel, k split over tile_splits blocks (0: about one block per SM); and with
-    # tile_conv, in_proj with the conv step in that kernel's epilogue.
-    tile_weights, tile_splits, tile_conv = 1 << 22, 0, True
 
     def __init__(self, module, clusters: bool):
         super().__init__(module)
@@ -263,21 +259,7 @@ class CudaKernelOps(_KernelOps):
                     return self.module.rows_gemm(x, weight, bias)
                 if weight.shape[0] <= self.narrow_cols and k <= self.narrow_k:
                     return self.module.rows_gemm(x, weight, bias, 0, 16)
-                if rows > self.few_rows and weight.numel() <= self.tile_weights:
-                    return self.module.tile_gemm(x, weight, bias, self.tile_splits)
         return super().linear(x, weight, bias, scale)
-
-    def in_proj_conv_step(self, hidden, weight, bias, scale, conv_weight, conv_bias, conv_state):
-        """17..64 rows of 16-bit activations (sm_90+): the conv step in in_proj's epilogue, one kernel
-        that starts early instead of a product and the conv kernel; else both."""
-        rows = hidden.numel() // hidden.shape[-1]
-        if (self.tile_conv and self.clusters and self.few_rows < rows <= self.narrow_rows and hidden.dtype != torch.float32
-                and hidden.shape[-1] <= 6144 and weight.numel() <= self.tile_weights and self._aligned(hidden, weight, scale)
-                and weight.shape[0] % 128 == 0 and 2 <= conv_weight.shape[-1] <= 4 and conv_state.dtype == hidden.dtype
-                and conv_state.is_contiguous()):
-            u, z = self.module.tile_gemm_conv(hidden, weight, bias, conv_weight, conv_bias, conv_state, self.tile_splits)
-            return u, z
-        return super().in_proj_conv_step(hidden, weight, bias, scale, conv_weight, conv_bias, conv_state)
 
     def argmax(self, x, out):
         """Ours (a cluster of blocks per row, launched early): torch's reduction took 15 us of a 250 us

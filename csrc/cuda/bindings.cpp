@@ -8,10 +8,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("argmax", &argmax, "each row's argmax into out, as torch.argmax (CUDA)");
     m.def("rows_gemm", &rows_gemm, "x @ W^T for 1..64 rows of 16-bit x, tensor cores (CUDA, sm_90+)", py::arg("x"), py::arg("weight"),
           py::arg("bias"), py::arg("splits") = 0, py::arg("cols") = 64);
-    m.def("tile_gemm", &tile_gemm, "x @ W^T for 1..64 rows of 16-bit x in 64x64 tiles, mma.sync (CUDA, sm_90+)", py::arg("x"),
-          py::arg("weight"), py::arg("bias"), py::arg("splits") = 0);
-    m.def("tile_gemm_conv", &tile_gemm_conv, "in_proj and conv step of 1..64 decoded rows, tile_gemm's kernel (CUDA, sm_90+)",
-          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("conv_weight"), py::arg("conv_bias"), py::arg("conv_state"), py::arg("splits") = 0);
     m.def("norm_in_proj_conv_step", &norm_in_proj_conv_step, "add + RMSNorm, in_proj and conv step of one decoded token (CUDA)");
     m.def("add_rms_norm", &add_rms_norm, "residual add + RMSNorm (CUDA)");
     m.def("decode_step", &decode_step, "dt_proj + one selective-scan step (CUDA)");

@@ -35,9 +35,6 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
 at::Tensor gemv(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 void argmax(at::Tensor x, at::Tensor out);
 at::Tensor rows_gemm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t splits, int64_t cols);
-at::Tensor tile_gemm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t splits);
-std::vector<at::Tensor> tile_gemm_conv(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, at::Tensor conv_weight,
-                                       c10::optional<at::Tensor> conv_bias, at::Tensor conv_state, int64_t splits);
 std::vector<at::Tensor> norm_in_proj_conv_step(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor norm_weight, double eps,
                                                bool residual_fp32, at::Tensor weight, c10::optional<at::Tensor> bias, at::Tensor conv_weight,
                                                c10::optional<at::Tensor> conv_bias, at::Tensor conv_state);
