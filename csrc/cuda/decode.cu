@@ -173,13 +173,7 @@ std::vector<at::Tensor> norm_in_proj_conv_step(at::Tensor x, c10::optional<at::T
                          static_cast<R*>(t.res_out.data_ptr()), static_cast<float>(eps), static_cast<const T*>(weight.data_ptr()),
                          bias.has_value() ? static_cast<const T*>(bc.data_ptr()) : nullptr, conv, static_cast<T*>(z.data_ptr()), static_cast<int>(h));
         };
-        auto by_kernel = [&](auto rzero) {
-            switch (kernel) {
-                case 2: launch(rzero, std::integral_constant<int, 2>()); break;
-                case 3: launch(rzero, std::integral_constant<int, 3>()); break;
-                default: launch(rzero, std::integral_constant<int, 4>()); break;
-            }
-        };
+        auto by_kernel = [&](auto rzero) { dispatch_taps(kernel, [&](auto taps) { launch(rzero, taps); }); };
         if (residual_fp32) by_kernel(0.0f); else by_kernel(zero);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

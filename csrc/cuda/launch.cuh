@@ -22,6 +22,17 @@ void dispatch(at::ScalarType type, F f) {
     }
 }
 
+// Call f with std::integral_constant<int, K> for a causal conv of K = kernel taps (2..4, checked by
+// the callers): the kernels take K as a template parameter.
+template <typename F>
+void dispatch_taps(int64_t kernel, F f) {
+    switch (kernel) {
+        case 2: f(std::integral_constant<int, 2>()); break;
+        case 3: f(std::integral_constant<int, 3>()); break;
+        default: f(std::integral_constant<int, 4>()); break;
+    }
+}
+
 // Launches a decode kernel with programmatic dependent launch where the GPU has it (sm_90+): its
 // blocks may be scheduled while the previous kernel runs, and wait inside (wait_for_previous in
 // fused_kernels.cuh), so a decoded token's ~120 small kernels overlap their launch and weight

@@ -83,19 +83,15 @@ at::Tensor causal_conv1d(at::Tensor x, at::Tensor weight, c10::optional<at::Tens
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch(x.scalar_type(), [&](auto zero) {
         using T = decltype(zero);
-        if (length == 1) {  // decoding: output and state update in one kernel
-            switch (kernel) {
-                case 2: launch_early(conv_step_kernel<T, 2>, grid_state, threads, 0, stream, true, a); break;
-                case 3: launch_early(conv_step_kernel<T, 3>, grid_state, threads, 0, stream, true, a); break;
-                default: launch_early(conv_step_kernel<T, 4>, grid_state, threads, 0, stream, true, a); break;
+        dispatch_taps(kernel, [&](auto taps) {
+            constexpr int K = decltype(taps)::value;
+            if (length == 1) {  // decoding: output and state update in one kernel
+                launch_early(conv_step_kernel<T, K>, grid_state, threads, 0, stream, true, a);
+                return;
             }
-            return;
-        }
-        switch (kernel) {
-            case 2: conv_kernel<T, 2><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 2><<<grid_state, threads, 0, stream>>>(a); break;
-            case 3: conv_kernel<T, 3><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 3><<<grid_state, threads, 0, stream>>>(a); break;
-            default: conv_kernel<T, 4><<<grid, threads, 0, stream>>>(a); conv_state_kernel<T, 4><<<grid_state, threads, 0, stream>>>(a); break;
-        }
+            conv_kernel<T, K><<<grid, threads, 0, stream>>>(a);
+            conv_state_kernel<T, K><<<grid_state, threads, 0, stream>>>(a);
+        });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
