@@ -28,10 +28,13 @@ __device__ __forceinline__ void wait_for_previous() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// Prefetches the 128-byte line at p into L2: a hint that never changes what a later load reads (L2
+// is where the SMs' memory meets), so a kernel may prefetch before its wait what the previous kernel
+// is still writing, or, as the decode kernels do with their layer's state, what it does not write.
+__device__ __forceinline__ void prefetch_line(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // Prefetches bytes [0, n) at p into L2, the lanes of a warp taking 128-byte lines in turn.
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t n) {
-    for (int64_t off = (threadIdx.x % 32) * 128; off < n; off += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(p) + off));
+    for (int64_t off = (threadIdx.x % 32) * 128; off < n; off += 32 * 128) prefetch_line(static_cast<const char*>(p) + off);
 }
 
 // Sum over the block, returned to every thread.
@@ -146,10 +149,11 @@ __global__ void conv_step_kernel(ConvArgs a) {
     start_next_early();
     ConvChannel<T, K> chan;
     chan.load_taps(a, c);
+    T* st = static_cast<T*>(a.state) + ((int64_t)b * a.dim + c) * K;
+    prefetch_line(st);  // from DRAM while the previous kernel runs: no kernel since this layer's last step wrote it
     wait_for_previous();
     if (blockIdx.y * blockDim.x + threadIdx.x >= a.dim) return;
     const T* x = static_cast<const T*>(a.x) + b * a.x_sb;
-    T* st = static_cast<T*>(a.state) + ((int64_t)b * a.dim + c) * K;
     chan.load_state(st);
     static_cast<T*>(a.y)[(int64_t)b * a.dim + c] = from_f<T>(chan.step(st, to_f(x[c])));
 }
