@@ -148,10 +148,28 @@ class _KernelOps(TorchOps):
         normed, s = self.module.add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
         return normed, s
 
+    model_dtype_state = False  # does the compiled decode step take a state in the model dtype as it is?
+
+    def _keeps(self, ssm_state, dtype) -> bool:
+        """Does the compiled decode step take this state as it is (float32, or the model dtype where it can)?"""
+        return ssm_state.dtype == torch.float32 or (self.model_dtype_state and ssm_state.dtype == dtype)
+
     def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state):
-        if dt_weight.dtype != u.dtype:
+        if dt_weight.dtype != u.dtype or not self._keeps(ssm_state, u.dtype):
             return super().decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state)
         return self.module.decode_step(u, dt_low, dt_weight, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
+
+    def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
+        """The compiled scan (backend's `_scan`) from a float32 state: a state kept in another dtype is
+        widened for the call and rounded back after it."""
+        if ssm_state is None:
+            ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
+        if ssm_state.dtype == torch.float32:
+            return self._scan(u, delta, A, B, C, D, z, delta_bias, ssm_state)
+        h = ssm_state.float()
+        y = self._scan(u, delta, A, B, C, D, z, delta_bias, h)
+        ssm_state.copy_(h)
+        return y
 
 
 class CpuKernelOps(_KernelOps):
@@ -179,7 +197,7 @@ class CpuKernelOps(_KernelOps):
         return rows <= self.gemv_rows and dtype in (torch.float32, torch.bfloat16) and w.dt_w.dtype == dtype and all(self._gemv_takes(dtype, m) for m in (w.in_w, w.x_w, w.out_w))
 
     def mixer_step(self, w, hidden, conv_state, ssm_state):
-        if not self._fuses_mixer(w, hidden.shape[0], hidden.dtype):
+        if not (self._fuses_mixer(w, hidden.shape[0], hidden.dtype) and ssm_state.dtype == torch.float32):
             return super().mixer_step(w, hidden, conv_state, ssm_state)
         return self.module.mixer_step(hidden, conv_state, ssm_state, *w)
 
@@ -207,9 +225,7 @@ class CpuKernelOps(_KernelOps):
 
         return step
 
-    def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
-        if ssm_state is None:
-            ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
+    def _scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         if delta.dtype not in (u.dtype, torch.float32):
             delta = delta.float()
         return self.module.selective_scan(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
@@ -234,9 +250,9 @@ class CudaKernelOps(_KernelOps):
         super().__init__(module)
         self.clusters = clusters  # sm_90+: thread-block clusters (rows_gemm)
 
-    def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
-        if ssm_state is None:
-            ssm_state = torch.zeros(u.shape[0], u.shape[2], A.shape[1], device=u.device)
+    model_dtype_state = True
+
+    def _scan(self, u, delta, A, B, C, D, z, delta_bias, ssm_state):
         return self.module.selective_scan(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, ssm_state)
 
     @staticmethod

@@ -167,6 +167,9 @@ class MambaForCausalLM(nn.Module):
         self.backend, self.ops = "torch", get_ops("torch")  # the ops backend in use (`use_ops` sets both)
         self.quantization: str | None = None  # "int8" after quantize.quantize_model_
         self.cpu_prefill_rows = 1024  # rows of float32 activations per prompt chunk on the CPU; see forward
+        # The SSM state's dtype in new caches: float32, or the model dtype (half the bytes that a decoded
+        # token reads and writes per layer; the CUDA decode step keeps it so, other kernels convert).
+        self.state_dtype = torch.float32
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -215,8 +218,9 @@ class MambaForCausalLM(nn.Module):
         return logits.float() if float_logits else logits
 
     def make_cache(self, batch_size: int = 1) -> MambaCache:
-        """An empty cache on this model's device, conv state in the model dtype, SSM state fp32."""
-        return MambaCache(self.config, batch_size, dtype=self.dtype, device=self.device)
+        """An empty cache on this model's device, conv state in the model dtype, SSM state in
+        `state_dtype` (float32 unless set)."""
+        return MambaCache(self.config, batch_size, dtype=self.dtype, device=self.device, ssm_dtype=self.state_dtype)
 
     def set_backend(self, name: str = "auto") -> str:
         """Choose the ops backend ('auto', 'torch' or a compiled one); returns the name in use."""

@@ -135,10 +135,11 @@ def test_decode_step_matches_float64(kernels, n, dtype, b, d, r):
     want, h_want = sequential_scan(cast(u).double(), delta, x["A"], lowc[..., r : r + n].double(), lowc[..., r + n :].double(),
                                    x["D"], cast(z).double(), x["bias"], x["h0"])
     uc, zc = cast(x["xz"]).chunk(2, dim=-1)
-    state = x["h0"].float().contiguous()
-    y = kernels.decode_step(uc, lowc[..., :r], w, x["A"].float(), lowc[..., r : r + n], lowc[..., r + n :], x["D"].float(), zc, x["bias"].float(), state)
-    assert rel_err(state, h_want) <= (1e-5 if dtype == torch.float32 else 1e-2)
-    assert rel_err(y.float(), want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    for state_dtype in (torch.float32, dtype):  # float32, and the model dtype (read and stored as bf16)
+        state = x["h0"].to(state_dtype).contiguous()
+        y = kernels.decode_step(uc, lowc[..., :r], w, x["A"].float(), lowc[..., r : r + n], lowc[..., r + n :], x["D"].float(), zc, x["bias"].float(), state)
+        assert state.dtype == state_dtype and rel_err(state.float(), h_want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+        assert rel_err(y.float(), want) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -257,6 +258,23 @@ def test_decoded_tokens_match_torch_path(dtype, batch):
         assert rel_err(fast(token, caches[1]), plain(token, caches[0])) <= tol
     for a, b in zip([*caches[0].ssm_states, *caches[0].conv_states], [*caches[1].ssm_states, *caches[1].conv_states]):
         assert rel_err(b.float(), a.float()) <= tol
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_state_in_model_dtype_matches_torch_path(batch):
+    """Caches with the SSM state in bf16 (`state_dtype`): the kernels (the decode step keeps it in
+    bf16, the prompt scan widens it) against the torch ops with the same caches."""
+    ids = torch.randint(0, 2045, (batch, 30), generator=torch.Generator().manual_seed(9)).cuda()
+    plain = load_model("tiny-wikitext", dtype="bfloat16", device="cuda", backend="torch").model
+    fast = load_model("tiny-wikitext", dtype="bfloat16", device="cuda", backend="cuda-kernels").model
+    plain.state_dtype = fast.state_dtype = torch.bfloat16
+    caches = plain.make_cache(batch), fast.make_cache(batch)
+    assert rel_err(fast(ids, caches[1]), plain(ids, caches[0])) <= 2e-2
+    for step in range(5):
+        token = ids[:, step : step + 1]
+        assert rel_err(fast(token, caches[1]), plain(token, caches[0])) <= 2e-2
+    for a, b in zip(caches[0].ssm_states, caches[1].ssm_states):
+        assert b.dtype == torch.bfloat16 and rel_err(b.float(), a.float()) <= 2e-2
 
 
 def test_graph_decode_equals_plain_decode():

@@ -54,7 +54,7 @@ std::vector<at::Tensor> add_rms_norm(at::Tensor x, c10::optional<at::Tensor> res
 }
 
 // y (b, 1, d) of one decode step: dt = dt_low (b, 1, r) @ dt_weight (d, r)^T, then the scan step
-// from `state` (b, d, n) float32, updated in place. n must be a power of two <= 32.
+// from `state` (b, d, n), float32 or u's dtype, updated in place. n must be a power of two <= 32.
 at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at::Tensor A, at::Tensor B, at::Tensor C,
                           c10::optional<at::Tensor> D, c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias,
                           at::Tensor state) {
@@ -64,8 +64,8 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
     TORCH_CHECK(dt_low.scalar_type() == type && dt_weight.scalar_type() == type && B.scalar_type() == type && C.scalar_type() == type,
                 "u, dt_low, dt_weight, B and C must share a dtype");
     TORCH_CHECK(dt_weight.dim() == 2 && dt_weight.stride(1) == 1, "dt_weight must be (d, r) with unit stride on r");
-    TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && A.scalar_type() == at::kFloat && A.is_contiguous(),
-                "A and state must be contiguous float32");
+    TORCH_CHECK((state.scalar_type() == at::kFloat || state.scalar_type() == type) && state.is_contiguous() && A.scalar_type() == at::kFloat &&
+                A.is_contiguous(), "A must be contiguous float32, state contiguous float32 or u's dtype");
     const c10::cuda::CUDAGuard guard(u.device());
     const int batch = u.size(0), dim = u.size(2), nstate = A.size(1);
     auto y = at::empty({batch, 1, dim}, u.options());
@@ -74,12 +74,13 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
     if (z.has_value()) { check_last(*z, "z"); TORCH_CHECK(z->scalar_type() == type, "z must have u's dtype"); }
     StepArgs a{u.data_ptr(), dt_low.data_ptr(), dt_weight.data_ptr(), B.data_ptr(), C.data_ptr(), z.has_value() ? z->data_ptr() : nullptr,
                A.data_ptr<float>(), D.has_value() ? Df.data_ptr<float>() : nullptr, delta_bias.has_value() ? bf.data_ptr() : nullptr,
-               state.data_ptr<float>(), y.data_ptr(),
+               state.data_ptr(), y.data_ptr(),
                u.stride(0), dt_low.stride(0), B.stride(0), C.stride(0), z.has_value() ? z->stride(0) : 0, dt_weight.stride(0),
                dim, static_cast<int>(dt_low.size(2))};
     auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch(type, [&](auto zero) {
+    auto by_types = [&](auto zero, auto state_zero) {
         using T = decltype(zero);
+        using ST = decltype(state_zero);
         // 4 lanes per channel (fewer for tiny n). One lane per channel (a softplus per channel, not 4)
         // measured 2.4x slower at batch 64: its state reads are no longer coalesced.
         // 4 rows per thread for grids of more than kStepRowBlocks blocks of one row (an H200, bf16:
@@ -89,7 +90,7 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
             constexpr int N = decltype(n)::value, L = N < 4 ? N : 4, S = N / L;
             const int channel_blocks = (dim + 128 / L - 1) / (128 / L);
             const int64_t elem = sizeof(T);
-            a.vec = aligned(state.data_ptr(), 16) && aligned(B.data_ptr(), S * elem) && aligned(C.data_ptr(), S * elem) &&
+            a.vec = aligned(state.data_ptr(), S * sizeof(ST)) && aligned(B.data_ptr(), S * elem) && aligned(C.data_ptr(), S * elem) &&
                     B.stride(0) % S == 0 && C.stride(0) % S == 0;
             const int per_lane = kDtPiece * L, rank = a.rank;
             const bool dt_vec = rank % per_lane == 0 && rank / per_lane <= kMaxDtPieces && a.w_s0 % kDtPiece == 0 &&
@@ -97,13 +98,13 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
             a.dt_pieces = dt_vec ? rank / per_lane : 0;
             const dim3 one_row(batch, channel_blocks);
             if (static_cast<int64_t>(batch) * channel_blocks > kStepRowBlocks)
-                launch_early(decode_step_kernel<T, N, L, 4, 0>, dim3((batch + 3) / 4, channel_blocks), 128, 0, stream, true, a, batch);
+                launch_early(decode_step_kernel<T, ST, N, L, 4, 0>, dim3((batch + 3) / 4, channel_blocks), 128, 0, stream, true, a, batch);
             else if (a.dt_pieces == 0)
-                launch_early(decode_step_kernel<T, N, L, 1, 0>, one_row, 128, 0, stream, true, a, batch);
+                launch_early(decode_step_kernel<T, ST, N, L, 1, 0>, one_row, 128, 0, stream, true, a, batch);
             else if (a.dt_pieces <= 4)
-                launch_early(decode_step_kernel<T, N, L, 1, 4>, one_row, 128, 0, stream, true, a, batch);
+                launch_early(decode_step_kernel<T, ST, N, L, 1, 4>, one_row, 128, 0, stream, true, a, batch);
             else
-                launch_early(decode_step_kernel<T, N, L, 1, kMaxDtPieces>, one_row, 128, 0, stream, true, a, batch);
+                launch_early(decode_step_kernel<T, ST, N, L, 1, kMaxDtPieces>, one_row, 128, 0, stream, true, a, batch);
         };
         switch (nstate) {
             case 1: launch(std::integral_constant<int, 1>()); break;
@@ -114,6 +115,10 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
             case 32: launch(std::integral_constant<int, 32>()); break;
             default: TORCH_CHECK(false, "decode_step supports state sizes 1, 2, 4, 8, 16 and 32");
         }
+    };
+    dispatch(type, [&](auto zero) {
+        if (state.scalar_type() == at::kFloat) by_types(zero, 0.0f);
+        else by_types(zero, zero);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;

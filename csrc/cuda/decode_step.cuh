@@ -9,12 +9,12 @@ struct StepArgs {
     const void *u, *dt_low, *dt_weight, *B, *C, *z;
     const float *A, *D;
     const void* delta_bias;  // (d,) in the inputs' dtype
-    float* state;
+    void* state;  // (b, d, n) in the kernel's state type: float32, or the inputs' dtype
     void* y;
     int64_t u_sb, dl_sb, b_sb, c_sb, z_sb, w_s0;
     int dim, rank;
     int dt_pieces;  // kDtPiece-element pieces of dt's dot product per lane (<= the kernel's P), or 0
-    bool vec;       // the state 16-byte aligned, B's and C's rows aligned to a lane's states: vector loads
+    bool vec;       // the state's and B's and C's rows aligned to a lane's states: vector loads
 };
 
 // dt's dot product over the rank in pieces of kDtPiece consecutive elements (8 bytes of a 16-bit
@@ -37,10 +37,11 @@ using DtPiece = typename Pieces<kDtPiece, T>::Type;  // 8 bytes (16-bit types) o
 // more than kStepRowBlocks blocks of one row (2-3 waves of blocks instead of 6 or more), 1 otherwise.
 // The blocks per SM whose registers the compiler must leave room for with 4 rows: 5 for n <= 16 (96
 // registers, no spills; a cap of 80 spilled), 3 for n = 32. One row: no bound (0): 46-50 registers
-// (dt in up to 4 pieces or element by element), 72 (10 pieces).
+// (dt in up to 4 pieces or element by element), 72 (10 pieces). ST: the state's type, float32 or T
+// (a cache that keeps the state in the model dtype: half the bytes, rounded once per token).
 constexpr int kStepRowBlocks = 4096;
 constexpr int step_min_blocks(int n, int rows) { return rows > 1 ? (n > 16 ? 3 : 5) : 0; }
-template <typename T, int N, int L, int R, int P>
+template <typename T, typename ST, int N, int L, int R, int P>
 __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel(StepArgs a, int batch) {
     static_assert(P == 0 || R == 1, "dt in pieces at one row per thread (R rows of pieces: too many registers)");
     constexpr int kPerBlock = 128 / L, S = N / L;
@@ -65,14 +66,15 @@ __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel
         if (i < pieces) wp[i] = reinterpret_cast<const DtPiece<T>*>(w)[lane * pieces + i];
     // The state's row into L2 (6.3 MB per layer, from DRAM, at batch 64 of the 130m: -1.5% per token on an
     // H200). Not with 4 rows per thread: 1.4b and 2.8b at batch 64 took 0.7-1.4% longer with it.
-    if (R == 1) prefetch_line(a.state + ((int64_t)min(b0, batch - 1) * a.dim + c) * N + lane * S);
+    ST* state = static_cast<ST*>(a.state);
+    if (R == 1) prefetch_line(state + ((int64_t)min(b0, batch - 1) * a.dim + c) * N + lane * S);
     wait_for_previous();
     int rows[R];  // batch rows, the last repeated past the batch's end (computed, not stored)
     float h[R][S], Bv[R][S], Cv[R][S], u[R], zv[R], acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
         const int b = rows[r] = min(b0 + r, batch - 1);
-        load_vec(a.state + ((int64_t)b * a.dim + c) * N + lane * S, a.vec, h[r]);
+        load_vec(state + ((int64_t)b * a.dim + c) * N + lane * S, a.vec, h[r]);
         load_vec(static_cast<const T*>(a.B) + b * a.b_sb + lane * S, a.vec, Bv[r]);
         load_vec(static_cast<const T*>(a.C) + b * a.c_sb + lane * S, a.vec, Cv[r]);
         u[r] = to_f(static_cast<const T*>(a.u)[b * a.u_sb + c]);
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel
             p += h[r][i] * Cv[r][i];
         }
         const bool stored = active && b0 + r < batch;
-        if (stored) store_vec(a.state + ((int64_t)rows[r] * a.dim + c) * N + lane * S, a.vec, h[r]);
+        if (stored) store_vec(state + ((int64_t)rows[r] * a.dim + c) * N + lane * S, a.vec, h[r]);
 #pragma unroll
         for (int off = L / 2; off > 0; off /= 2) p += __shfl_xor_sync(0xffffffff, p, off, L);
         if (stored && lane == 0) {
