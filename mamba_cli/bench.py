@@ -15,7 +15,7 @@ import typer
 
 from mamba_core.errors import MambaUsageError
 
-from .common import DEFAULT_MODEL, ModelOpt, RevisionOpt, command, err
+from .common import DEFAULT_MODEL, ModelOpt, RevisionOpt, StateDtypeOpt, check_state_dtype, command, err, set_state_dtype
 
 EXAMPLES = """Examples:
 
@@ -59,7 +59,8 @@ def _markdown(rows: list[dict], footer: str) -> str:
         rate = f"{r['tokens_per_s_mean']:,.2f} ± {r['tokens_per_s_std']:,.2f}"
         extra = f" ({r['gflops']:,.1f} GFLOP/s)" if r["gflops"] is not None else f" ({r['gbps']:,.1f} GB/s)"
         ms = f"{r['ms_per_token']:.3f}" if r["ms_per_token"] is not None else "-"
-        cells = (r["model"], f"{r['params']:,}", r["backend"], r["device"], r["dtype"], str(r["batch"]), r["test"], rate + extra, ms, _human_bytes(r["peak_mem_bytes"]))
+        dtype = r["dtype"] + ("" if r["state_dtype"] == "float32" else f" ({r['state_dtype']} state)")
+        cells = (r["model"], f"{r['params']:,}", r["backend"], r["device"], dtype, str(r["batch"]), r["test"], rate + extra, ms, _human_bytes(r["peak_mem_bytes"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + footer + "\n"
 
@@ -74,6 +75,7 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="Comma list of auto, float32, bfloat16, float16.")] = "auto",
     backend: Annotated[str, typer.Option("--backend", help="Comma list of backends (auto, torch, ...).")] = "auto",
     quantize: Annotated[str, typer.Option("--quantize", help="Comma list of none, int8 (weight-only int8).")] = "none",
+    state_dtype: StateDtypeOpt = "float32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, help="Timed runs per test (after one warm-up).")] = 5,
     threads: Annotated[int, typer.Option("--threads", "-t", min=0, help="CPU threads (0: torch's default).")] = 0,
@@ -90,6 +92,7 @@ def bench(
 
     if output not in ("md", "json", "jsonl", "csv"):
         raise MambaUsageError(f"--output {output!r}: choose md, json, jsonl or csv")
+    check_state_dtype(state_dtype)
     prompts, gens = int_list(n_prompt, "--n-prompt", 0), int_list(n_gen, "--n-gen", 0)
     depths, batches = int_list(depth, "--depth", 0), int_list(batch_size, "--batch-size", 1)
     cases = [BenchCase(b, n_prompt=p) for b in batches for p in prompts if p]
@@ -106,6 +109,7 @@ def bench(
         loaded = load_model(model, dtype=dt, device=dev, revision=revision, backend=be, random_if_no_weights=True, quantize=quant)
         load_s = time.perf_counter() - start
         m = loaded.model
+        set_state_dtype(m, state_dtype)
         if loaded.layout == "random" and not rows:
             err(f"note: {model} has no weights; using seeded random weights (figures are for speed only)")
         for case in cases:
@@ -114,13 +118,14 @@ def bench(
             row = run_case(m, case, repetitions)
             row.update(model=Path(model).name if loaded.layout != "random" else f"{Path(model).name} (random)",
                        params=m.num_parameters(), backend=m.backend, device=str(m.device),
-                       dtype=str(m.dtype).replace("torch.", "") + ("+int8" if m.quantization else ""), setup_s=load_s + row.pop("warmup_s"))
+                       dtype=str(m.dtype).replace("torch.", "") + ("+int8" if m.quantization else ""), setup_s=load_s + row.pop("warmup_s"),
+                       state_dtype=str(m.state_dtype).replace("torch.", ""))
             rows.append(row)
         del loaded, m
     env = environment(dev)
     commit = _git_commit()
     footer = ", ".join(f"{k} {v}" for k, v in env.items()) + (f", commit {commit}" if commit else "")
-    keys = ("model", "params", "backend", "device", "dtype", "batch", "test", "n_prompt", "n_gen", "depth", "tokens_per_s_mean",
+    keys = ("model", "params", "backend", "device", "dtype", "state_dtype", "batch", "test", "n_prompt", "n_gen", "depth", "tokens_per_s_mean",
             "tokens_per_s_std", "ms_per_token", "samples", "peak_mem_bytes", "gflops", "gbps", "setup_s")
     records = [{k: r[k] for k in keys} for r in rows]
     if output == "md":

@@ -36,6 +36,9 @@ QuantizeOpt = Annotated[
     str, typer.Option("--quantize", help="none, or int8: weight-only int8 (per-channel scales) for in_proj, out_proj and the embeddings/head.")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print load time, token counts and speeds to stderr.")]
+StateDtypeOpt = Annotated[
+    str, typer.Option("--state-dtype", help="The SSM state's dtype in the cache: float32, or model (the model dtype: half the bytes per decoded token).")
+]
 DEFAULT_MODEL = "state-spaces/mamba-130m-hf"
 
 
@@ -118,11 +121,27 @@ class Stopwatch:
         return elapsed
 
 
-def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str, verbose: bool, quantize: str = "none"):
+def check_state_dtype(name: str) -> None:
+    """--state-dtype must be float32 or model (a usage error, before any model is loaded)."""
+    if name not in ("float32", "model"):
+        raise MambaUsageError(f"--state-dtype {name!r}: choose float32 or model")
+
+
+def set_state_dtype(model, name: str) -> None:
+    """Apply --state-dtype to a loaded model: float32 (the default) or model (its own dtype)."""
+    import torch
+
+    check_state_dtype(name)
+    model.state_dtype = model.dtype if name == "model" else torch.float32
+
+
+def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str, verbose: bool, quantize: str = "none",
+         state_dtype: str = "float32"):
     """Load model and tokenizer for a command; with -v, say what was loaded and how long it took."""
     from mamba_core.api import load_tokenizer
     from mamba_core.loading import load_model
 
+    check_state_dtype(state_dtype)
     threads = os.environ.get("MAMBA_NUM_THREADS")
     if threads:
         import torch
@@ -132,6 +151,7 @@ def load(model: str, revision, tokenizer, dtype: str, device: str, backend: str,
         torch.set_num_threads(int(threads))
     watch = Stopwatch()
     loaded = load_model(model, dtype=dtype, device=device, revision=revision, backend=backend, quantize=quantize)
+    set_state_dtype(loaded.model, state_dtype)
     tok = load_tokenizer(loaded, tokenizer)
     if verbose:
         m = loaded.model

@@ -19,6 +19,7 @@ from .common import (
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    StateDtypeOpt,
     TokenizerOpt,
     VerboseOpt,
     command,
@@ -102,6 +103,7 @@ def eval_ppl(
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
+    state_dtype: StateDtypeOpt = "float32",
     verbose: VerboseOpt = False,
 ) -> None:
     """Perplexity of a model on text: exact by default (every token with all text before it)."""
@@ -126,7 +128,7 @@ def eval_ppl(
     else:
         protocol = Protocol("window" if window else "exact", window or 0, bos=not no_bos)
     files = [read_data_file(name, text_field) for name in data]
-    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose, quantize)
+    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose, quantize, state_dtype)
     base = load_model(kl_base, dtype=kl_base_dtype, device=loaded.model.device, backend=backend).model if kl_base else None
     units = make_units(protocol, tok, files)
     if limit_tokens:

@@ -21,6 +21,7 @@ from .common import (
     ModelOpt,
     QuantizeOpt,
     RevisionOpt,
+    StateDtypeOpt,
     TokenizerOpt,
     VerboseOpt,
     command,
@@ -121,6 +122,7 @@ def generate(
     quantize: QuantizeOpt = "none",
     device: DeviceOpt = "auto",
     backend: BackendOpt = "auto",
+    state_dtype: StateDtypeOpt = "float32",
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate text with a Mamba model; only the generated text goes to stdout."""
@@ -136,7 +138,7 @@ def generate(
     sampling = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
     batch = read_prompts_file(prompts_file) if prompts_file is not None else None
     text_prompt = None if batch else read_prompt(prompt)
-    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose, quantize)
+    loaded, tok = load(model, revision, tokenizer, dtype, device, backend, verbose, quantize, state_dtype)
     prompts = [p for _, p in batch] if batch else [text_prompt]
     gen = Generation(loaded.model, tok, prompts, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop or (), ignore_eos=ignore_eos)
     out = sys.stdout

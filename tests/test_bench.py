@@ -13,7 +13,7 @@ from mamba_cli.app import app
 
 runner = CliRunner()
 TINY = ["bench", "-m", "tiny-wikitext", "-p", "16", "-g", "4", "-r", "2"]
-KEYS = {"model", "params", "backend", "device", "dtype", "batch", "test", "n_prompt", "n_gen", "depth", "tokens_per_s_mean",
+KEYS = {"model", "params", "backend", "device", "dtype", "state_dtype", "batch", "test", "n_prompt", "n_gen", "depth", "tokens_per_s_mean",
         "tokens_per_s_std", "ms_per_token", "samples", "peak_mem_bytes", "gflops", "gbps", "setup_s"}
 
 
@@ -42,6 +42,15 @@ def test_json_schema_and_other_formats():
     assert [row["test"] for row in table] == ["pp16", "tg4"] and set(table[0]) == KEYS
 
 
+def test_state_dtype_column():
+    """--state-dtype model: the cache keeps the SSM state in the model dtype, said in the table and JSON."""
+    records = json.loads(runner.invoke(app, TINY + ["--dtype", "bfloat16", "--state-dtype", "model", "-o", "json"]).stdout)
+    assert {r["state_dtype"] for r in records} == {"bfloat16"} and all(r["tokens_per_s_mean"] > 0 for r in records)
+    table = runner.invoke(app, TINY + ["--dtype", "bfloat16", "--state-dtype", "model"]).stdout
+    assert "bfloat16 (bfloat16 state)" in table
+    assert json.loads(runner.invoke(app, TINY + ["-o", "json"]).stdout)[0]["state_dtype"] == "float32"
+
+
 def test_random_weights_from_config_only(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 256}))
     result = runner.invoke(app, ["bench", "-m", str(tmp_path), "-p", "8", "-g", "2", "-r", "1", "-o", "json"])
@@ -53,7 +62,8 @@ def test_random_weights_from_config_only(tmp_path):
     # + out_proj 128*64 = 32,704; two layers + embedding 256*64 (tied head) + norm_f 64 = 81,856
 
 
-@pytest.mark.parametrize("args", [["-p", "-1"], ["-b", "0"], ["-g", "x"], ["--backend", "nope"], ["-o", "xml"], ["-p", "0", "-g", "0"], ["-r", "0"]])
+@pytest.mark.parametrize("args", [["-p", "-1"], ["-b", "0"], ["-g", "x"], ["--backend", "nope"], ["-o", "xml"], ["-p", "0", "-g", "0"], ["-r", "0"],
+                                  ["--state-dtype", "int8"]])
 def test_invalid_grids_are_usage_errors(args):
     result = runner.invoke(app, ["bench", "-m", "tiny-wikitext", *args])
     assert result.exit_code == 2, result.output

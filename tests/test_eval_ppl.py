@@ -139,6 +139,15 @@ def test_kl_self_is_zero_and_bf16_small(short_file):
     assert gate.exit_code == 3
 
 
+def test_state_in_the_model_dtype(short_file):
+    """--state-dtype model: perplexity over chunked prefills (the state rounded between chunks) within
+    a hair of the float32 state's, and a KL against the float32 model as small as bf16's own."""
+    args = ("--data", str(short_file), "--dtype", "bfloat16", "--limit-tokens", "300", "--chunk-size", "64", "--kl-base", "tiny-wikitext")
+    fp32, model = ppl_json(*args), ppl_json(*args, "--state-dtype", "model")
+    assert abs(model["ppl"] / fp32["ppl"] - 1) < 1e-2
+    assert model["kl"]["kl_mean"] < 5e-3 and model["kl"]["top1_agreement"] > 0.95
+
+
 PEAK_RSS = """
 import resource, sys
 from mamba_cli.app import app
