@@ -1,4 +1,5 @@
-"""The compiled CPU kernels against the torch reference, in the model, and the no-compiler fallback."""
+"""The compiled CPU kernels against the torch reference, in the model, and the no-compiler fallback;
+the CUDA backend's host-side choices."""
 
 from __future__ import annotations
 
@@ -199,3 +200,21 @@ def test_failed_build_falls_back_with_one_warning():
     warnings = [line for line in err.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1 and "plain-torch" in warnings[0] and "MAMBA_DISABLE_KERNELS" in warnings[0]
     assert "backend torch" in err
+
+
+@pytest.mark.parametrize("shape, rows, pulled", [
+    ((3072, 768), 64, True),     # 130m in_proj at batch 64: cuBLAS's, 4.7 MB
+    ((768, 1536), 32, True),     # 130m out_proj
+    ((3072, 768), 8, False),     # our few-row kernel takes it (it prefetches its own weight)
+    ((80, 1536), 64, False),     # x_proj: our narrow kernel
+    ((2560, 5120), 64, False),   # 2.8b out_proj: 26 MB, more than a third of a 50 MB L2
+    ((4096, 2048), 8, True),     # 1.4b out_proj at batch 8: too big for ours, 16.8 MB
+])
+def test_cuda_backend_pulls_ahead_what_cublas_reads(shape, rows, pulled):
+    """The CUDA backend's host-side choice (no GPU needed): a weight is pulled into L2 ahead of its
+    product where cuBLAS takes it and it fills at most a third of the L2; never without an L2 size."""
+    from mamba_core.kernels import CudaKernelOps
+
+    weight = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    assert (CudaKernelOps(None, True, 50 << 20).pull_ahead(weight, rows) is weight) == pulled
+    assert CudaKernelOps(None, True, 0).pull_ahead(weight, rows) is None

@@ -25,12 +25,20 @@ void check_row(const at::Tensor& x, const at::Tensor& weight) {
 template <typename T>
 bool held_rows(int64_t n, int64_t k) { return n <= kHeldRows && k <= held_elements<T>(); }
 
+// A tensor to pull into L2 ahead of its reader (fused_kernels.cuh, Ahead): empty unless it is a
+// contiguous CUDA tensor that the bulk prefetch takes (16-byte aligned, a multiple of 16 bytes long).
+Ahead ahead_of(const c10::optional<at::Tensor>& t) {
+    if (!t.has_value() || !t->is_cuda() || !t->is_contiguous() || !aligned(t->data_ptr(), 16) || t->nbytes() % 16 != 0) return {};
+    return {t->data_ptr(), static_cast<int64_t>(t->nbytes())};
+}
+
 }  // namespace
 
 // (normed, s): s = residual + x (float32 when residual_fp32, else x's dtype; x alone when residual
 // is None), normed = weight * rmsnorm(s), with transformers' roundings (see fused_kernels.cuh).
+// Decoding's launches (early) pull `ahead` into L2 meanwhile.
 std::vector<at::Tensor> add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps,
-                                        bool residual_fp32, bool cast_input) {
+                                        bool residual_fp32, bool cast_input, c10::optional<at::Tensor> ahead) {
     TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
     const c10::cuda::CUDAGuard guard(x.device());
     const NormTensors t = norm_tensors(x, residual, weight, residual_fp32);
@@ -45,7 +53,7 @@ std::vector<at::Tensor> add_rms_norm(at::Tensor x, c10::optional<at::Tensor> res
                 stream, t.rows <= kEarlyRows,
                 static_cast<const T*>(t.x.data_ptr()), t.residual.defined() ? static_cast<const R*>(t.residual.data_ptr()) : nullptr,
                 static_cast<const T*>(t.weight.data_ptr()), static_cast<T*>(t.out.data_ptr()), static_cast<R*>(t.res_out.data_ptr()),
-                static_cast<int>(t.h), static_cast<float>(eps), cast_input);
+                static_cast<int>(t.h), static_cast<float>(eps), cast_input, t.rows <= kEarlyRows ? ahead_of(ahead) : Ahead{});
         };
         if (residual_fp32) launch(0.0f); else launch(zero);
     });
@@ -55,9 +63,10 @@ std::vector<at::Tensor> add_rms_norm(at::Tensor x, c10::optional<at::Tensor> res
 
 // y (b, 1, d) of one decode step: dt = dt_low (b, 1, r) @ dt_weight (d, r)^T, then the scan step
 // from `state` (b, d, n), float32 or u's dtype, updated in place. n must be a power of two <= 32.
+// Pulls `ahead` into L2 meanwhile.
 at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at::Tensor A, at::Tensor B, at::Tensor C,
                           c10::optional<at::Tensor> D, c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias,
-                          at::Tensor state) {
+                          at::Tensor state, c10::optional<at::Tensor> ahead) {
     check_last(u, "u"); check_last(dt_low, "dt_low"); check_last(B, "B"); check_last(C, "C");
     TORCH_CHECK(u.size(1) == 1, "decode_step takes one token");
     const auto type = u.scalar_type();
@@ -77,6 +86,7 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
                state.data_ptr(), y.data_ptr(),
                u.stride(0), dt_low.stride(0), B.stride(0), C.stride(0), z.has_value() ? z->stride(0) : 0, dt_weight.stride(0),
                dim, static_cast<int>(dt_low.size(2))};
+    a.ahead = ahead_of(ahead);
     auto stream = at::cuda::getCurrentCUDAStream();
     auto by_types = [&](auto zero, auto state_zero) {
         using T = decltype(zero);

@@ -15,6 +15,7 @@ struct StepArgs {
     int dim, rank;
     int dt_pieces;  // kDtPiece-element pieces of dt's dot product per lane (<= the kernel's P), or 0
     bool vec;       // the state's and B's and C's rows aligned to a lane's states: vector loads
+    Ahead ahead;    // pulled into L2 before the wait
 };
 
 // dt's dot product over the rank in pieces of kDtPiece consecutive elements (8 bytes of a 16-bit
@@ -68,6 +69,7 @@ __global__ void __launch_bounds__(128, step_min_blocks(N, R)) decode_step_kernel
     // H200). Not with 4 rows per thread: 1.4b and 2.8b at batch 64 took 0.7-1.4% longer with it.
     ST* state = static_cast<ST*>(a.state);
     if (R == 1) prefetch_line(state + ((int64_t)min(b0, batch - 1) * a.dim + c) * N + lane * S);
+    prefetch_ahead(a.ahead);
     wait_for_previous();
     int rows[R];  // batch rows, the last repeated past the batch's end (computed, not stored)
     float h[R][S], Bv[R][S], Cv[R][S], u[R], zv[R], acc[R];

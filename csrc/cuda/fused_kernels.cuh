@@ -37,6 +37,26 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t n) {
     for (int64_t off = (threadIdx.x % 32) * 128; off < n; off += 32 * 128) prefetch_line(static_cast<const char*>(p) + off);
 }
 
+// Bytes [0, bytes) at p that a decode kernel pulls into L2 before its wait, for a later kernel of
+// the chain: cuBLAS's products, which cannot start early, read their weights cold from DRAM
+// otherwise. p 16-byte aligned, bytes a multiple of 16; empty (bytes 0): nothing.
+struct Ahead {
+    const void* p = nullptr;
+    int64_t bytes = 0;
+};
+// Issues `a`'s bulk prefetches into L2 (TMA, sm_90+; one instruction per piece of kAheadPiece
+// bytes), a piece per block of the grid in turn, from its thread 0: the first blocks issue them all.
+constexpr int64_t kAheadPiece = 32 << 10;
+__device__ __forceinline__ void prefetch_ahead(const Ahead& a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x != 0) return;
+    const int64_t blocks = (int64_t)gridDim.x * gridDim.y;
+    for (int64_t off = (blockIdx.x + (int64_t)blockIdx.y * gridDim.x) * kAheadPiece; off < a.bytes; off += blocks * kAheadPiece)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(a.p) + off),
+                     "r"(static_cast<unsigned>(min(kAheadPiece, a.bytes - off))) : "memory");
+#endif
+}
+
 // Sum over the block, returned to every thread.
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float partial[kNormThreads / 32];
@@ -108,8 +128,9 @@ __device__ __forceinline__ void block_add_rms_norm(const T* x, const R* residual
 // The residual add + RMSNorm of many rows, one per block (prompts, and the final norm).
 template <typename T, typename R, int HELD>
 __global__ void __launch_bounds__(kNormThreads) add_rms_norm_kernel(const T* x, const R* residual, const T* weight, T* out, R* res_out,
-                                                                    int h, float eps, bool cast_input) {
+                                                                    int h, float eps, bool cast_input, Ahead ahead) {
     start_next_early();
+    prefetch_ahead(ahead);
     wait_for_previous();
     const int64_t row = blockIdx.x;
     block_add_rms_norm<HELD>(x + row * h, residual != nullptr ? residual + row * h : nullptr, weight, out + row * h, res_out + row * h, h, eps, cast_input);

@@ -29,9 +29,10 @@ at::Tensor selective_scan(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tens
                           c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias, at::Tensor state);
 at::Tensor causal_conv1d(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, at::Tensor conv_state);
 std::vector<at::Tensor> add_rms_norm(at::Tensor x, c10::optional<at::Tensor> residual, at::Tensor weight, double eps, bool residual_fp32,
-                                     bool cast_input);
+                                     bool cast_input, c10::optional<at::Tensor> ahead);
 at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at::Tensor A, at::Tensor B, at::Tensor C,
-                       c10::optional<at::Tensor> D, c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias, at::Tensor state);
+                       c10::optional<at::Tensor> D, c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias, at::Tensor state,
+                       c10::optional<at::Tensor> ahead);
 at::Tensor gemv(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 void argmax(at::Tensor x, at::Tensor out);
 at::Tensor rows_gemm(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t splits, int64_t cols);

@@ -8,12 +8,13 @@ A backend is an object with these methods (see `reference.TorchOps`, which compi
 subclass, so anything they do not fuse falls back to it):
   causal_conv1d(x, weight, bias, conv_state) -> y         prompt chunk, SiLU applied, state updated
   selective_scan(u, delta, A, B, C, D, z, delta_bias, ssm_state) -> y   state updated in place
-  decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state) -> y   one token, dt_proj fused
+  decode_step(u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state, ahead) -> y   one token, dt_proj fused
   in_proj_conv_step(hidden, weight, bias, scale, conv_weight, conv_bias, conv_state) -> (x, z)   one token
   mixer_step(weights, hidden, conv_state, ssm_state) -> out  one token through a mixer (`reference.StepWeights`)
   mixer_tail(weights, x, z, ssm_state) -> out               one token's mixer after its conv step
   block_step(x, residual, norm_w, eps, residual_fp32, weights, conv_state, ssm_state) -> (out, residual)   norm + mixer
-  add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input) -> (normed, residual)
+  add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input, ahead) -> (normed, residual)
+  pull_ahead(weight, rows) -> weight or None               what the kernel before a product pulls into cache (`ahead`)
   linear(x, weight, bias, scale) -> y                     projections; int8 weights with scales
   argmax(x, out) -> out                                   greedy draws: each row's first largest index
 Compiled backends (csrc/) are listed here with the device type they run on and chosen by `get_ops`; the plain-torch backend is

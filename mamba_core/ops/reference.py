@@ -99,7 +99,7 @@ class TorchOps:
         """
         rank, n = w.dt_w.shape[1], w.A.shape[1]
         dt, B, C = self.linear(x, w.x_w).split([rank, n, n], dim=-1)
-        y = self.decode_step(x, dt, w.dt_w, w.A, B, C, w.D, z, w.dt_b, ssm_state)
+        y = self.decode_step(x, dt, w.dt_w, w.A, B, C, w.D, z, w.dt_b, ssm_state, ahead=self.pull_ahead(w.out_w, x.shape[0]))
         return self.linear(y, w.out_w, w.out_b, w.out_scale)
 
     def block_step(self, x, residual, norm_w, eps, residual_fp32, w: StepWeights, conv_state, ssm_state) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +108,13 @@ class TorchOps:
         As `add_rms_norm` then `mixer_step`; a backend may fuse the norm into the mixer's first
         kernel (the CUDA one does).
         """
-        normed, residual = self.add_rms_norm(x, residual, norm_w, eps, residual_fp32)
+        normed, residual = self.add_rms_norm(x, residual, norm_w, eps, residual_fp32, ahead=self.pull_ahead(w.in_w, x.shape[0]))
         return self.mixer_step(w, normed, conv_state, ssm_state), residual
+
+    def pull_ahead(self, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The weight, if the kernel before the product of `rows` rows with it should pull it into
+        cache meanwhile (the `ahead` of `add_rms_norm` and `decode_step`); None here: no cache to fill."""
+        return None
 
     def add_rms_norm(
         self,
@@ -119,6 +124,7 @@ class TorchOps:
         eps: float,
         residual_fp32: bool,
         cast_input: bool = True,
+        ahead: torch.Tensor | None = None,  # a tensor a later op reads (`pull_ahead`): a backend may pull it into cache
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight * rmsnorm(s), s) with s = residual + x, the pre-norm block's add and norm.
 
@@ -133,10 +139,11 @@ class TorchOps:
         normed = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype)
         return normed, s
 
-    def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state) -> torch.Tensor:
+    def decode_step(self, u, dt_low, dt_weight, A, B, C, D, z, delta_bias, ssm_state, ahead=None) -> torch.Tensor:
         """One token's SSM part after the conv: dt = dt_low @ dt_weight.T, then the scan step.
 
-        u, z (b, 1, d); dt_low (b, 1, r); B, C (b, 1, n). A backend may fuse all of it.
+        u, z (b, 1, d); dt_low (b, 1, r); B, C (b, 1, n). A backend may fuse all of it, and pull
+        `ahead` (a tensor a later op reads: `pull_ahead`) into cache meanwhile.
         """
         return self.selective_scan(u, F.linear(dt_low, dt_weight), A, B, C, D, z, delta_bias, ssm_state)
 
