@@ -296,10 +296,11 @@ class CudaKernelOps(_KernelOps):
 
     def pull_ahead(self, weight, rows):
         """cuBLAS cannot start before the kernel ahead of it ends, and then reads its weight from
-        DRAM (130m at 64 rows: in_proj 4.8 us cold, 3.7 warm; out_proj 5.1 / 4.4): an earlier kernel
-        pulls it into L2 where cuBLAS takes the product and the weight fills at most a third of the
-        L2. More evicts what the chain reads meanwhile: on an H200 (bf16, batch 64) the 2.8b out_proj's
-        26 MB cost 2.4% per token, the 1.4b in_proj's 34 MB 3%; ours prefetch their own weights."""
+        DRAM (130m at 64 rows: in_proj 4.8 us cold, 3.7 warm; out_proj 5.1 / 4.4): the norm pulls the
+        in_proj weight and the decode step the out_proj weight into L2 meanwhile, where cuBLAS takes
+        the product and the weight fills at most a third of the L2 (more evicts what the chain reads:
+        the 2.8b out_proj's 26 MB cost 2.4% per token at batch 64 on an H200), and where the kernel
+        has blocks enough to issue it (decode.cu, ahead_of). Ours prefetch their own weights."""
         if self._product(rows, weight.shape[1], weight, weight.dtype) == "cublas" and 3 * weight.nbytes <= self.l2_bytes:
             return weight
         return None

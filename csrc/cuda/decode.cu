@@ -25,10 +25,17 @@ void check_row(const at::Tensor& x, const at::Tensor& weight) {
 template <typename T>
 bool held_rows(int64_t n, int64_t k) { return n <= kHeldRows && k <= held_elements<T>(); }
 
-// A tensor to pull into L2 ahead of its reader (fused_kernels.cuh, Ahead): empty unless it is a
-// contiguous CUDA tensor that the bulk prefetch takes (16-byte aligned, a multiple of 16 bytes long).
-Ahead ahead_of(const c10::optional<at::Tensor>& t) {
-    if (!t.has_value() || !t->is_cuda() || !t->is_contiguous() || !aligned(t->data_ptr(), 16) || t->nbytes() % 16 != 0) return {};
+// A tensor to pull into L2 ahead of its reader by a grid of `blocks` blocks (fused_kernels.cuh,
+// Ahead): empty unless it is a contiguous CUDA tensor that the bulk prefetch takes (16-byte aligned, a
+// multiple of 16 bytes long) and its pieces come to at most kAheadPerBlock per block. More holds the
+// few SMs that issue them past the kernel's end: on an H200 the norm (a block per row) pulling the
+// 790m in_proj's 18 MB made a decoded token 2-28% slower at batch 64-8 (288 KB-2.3 MB per block),
+// while 128-256 KB per block (370m, batch 64 and 32) made it faster.
+constexpr int64_t kAheadPerBlock = 256 << 10;
+Ahead ahead_of(const c10::optional<at::Tensor>& t, int64_t blocks) {
+    if (!t.has_value() || !t->is_cuda() || !t->is_contiguous() || !aligned(t->data_ptr(), 16) || t->nbytes() % 16 != 0 ||
+        static_cast<int64_t>(t->nbytes()) > blocks * kAheadPerBlock)
+        return {};
     return {t->data_ptr(), static_cast<int64_t>(t->nbytes())};
 }
 
@@ -53,7 +60,7 @@ std::vector<at::Tensor> add_rms_norm(at::Tensor x, c10::optional<at::Tensor> res
                 stream, t.rows <= kEarlyRows,
                 static_cast<const T*>(t.x.data_ptr()), t.residual.defined() ? static_cast<const R*>(t.residual.data_ptr()) : nullptr,
                 static_cast<const T*>(t.weight.data_ptr()), static_cast<T*>(t.out.data_ptr()), static_cast<R*>(t.res_out.data_ptr()),
-                static_cast<int>(t.h), static_cast<float>(eps), cast_input, t.rows <= kEarlyRows ? ahead_of(ahead) : Ahead{});
+                static_cast<int>(t.h), static_cast<float>(eps), cast_input, t.rows <= kEarlyRows ? ahead_of(ahead, t.rows) : Ahead{});
         };
         if (residual_fp32) launch(0.0f); else launch(zero);
     });
@@ -86,7 +93,6 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
                state.data_ptr(), y.data_ptr(),
                u.stride(0), dt_low.stride(0), B.stride(0), C.stride(0), z.has_value() ? z->stride(0) : 0, dt_weight.stride(0),
                dim, static_cast<int>(dt_low.size(2))};
-    a.ahead = ahead_of(ahead);
     auto stream = at::cuda::getCurrentCUDAStream();
     auto by_types = [&](auto zero, auto state_zero) {
         using T = decltype(zero);
@@ -107,7 +113,9 @@ at::Tensor decode_step(at::Tensor u, at::Tensor dt_low, at::Tensor dt_weight, at
                                 a.dl_sb % kDtPiece == 0 && aligned(dt_weight.data_ptr(), kDtPiece * elem) && aligned(dt_low.data_ptr(), kDtPiece * elem);
             a.dt_pieces = dt_vec ? rank / per_lane : 0;
             const dim3 one_row(batch, channel_blocks);
-            if (static_cast<int64_t>(batch) * channel_blocks > kStepRowBlocks)
+            const bool four_rows = static_cast<int64_t>(batch) * channel_blocks > kStepRowBlocks;
+            a.ahead = ahead_of(ahead, static_cast<int64_t>(four_rows ? (batch + 3) / 4 : batch) * channel_blocks);
+            if (four_rows)
                 launch_early(decode_step_kernel<T, ST, N, L, 4, 0>, dim3((batch + 3) / 4, channel_blocks), 128, 0, stream, true, a, batch);
             else if (a.dt_pieces == 0)
                 launch_early(decode_step_kernel<T, ST, N, L, 1, 0>, one_row, 128, 0, stream, true, a, batch);
