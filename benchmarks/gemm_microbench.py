@@ -7,7 +7,7 @@ each other; ours may start early and stage its weights while the previous one ru
 replayed; the table gives microseconds per product and the weights' GB/s. bf16, an H200 in mind
 (sm_90+); the shapes are the projections of the 130m, 1.4b and 2.8b models.
 
-The 20 calls read one weight, which then stays in L2 (50 MB on an H200); in a decoded token every
+The 20 calls read one weight, which then stays in L2 (60 MiB on an H200); in a decoded token every
 layer's weights come from DRAM. `--cold` captures one call per copy of the weight, with enough
 copies to fill twice the L2, as a model's layers do.
 """
