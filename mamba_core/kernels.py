@@ -133,13 +133,14 @@ class _KernelOps(TorchOps):
     """A compiled backend: same interface and numerics as `ops.reference.TorchOps` (its fallback)."""
 
     name = "kernels"
+    hints = False  # do the module's norm and decode step take an `ahead` tensor (CUDA)?
+    model_dtype_state = False  # does the compiled decode step take a state in the model dtype as it is?
 
     def __init__(self, module):
         self.module = module
 
-    hints = False  # do the module's norm and decode step take an `ahead` tensor (CUDA)?
-
     def _ahead(self, ahead) -> tuple:
+        """The module's trailing `ahead` argument, where it takes one."""
         return (ahead,) if self.hints else ()
 
     def causal_conv1d(self, x, weight, bias, conv_state):
@@ -152,8 +153,6 @@ class _KernelOps(TorchOps):
             return super().add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
         normed, s = self.module.add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input, *self._ahead(ahead))
         return normed, s
-
-    model_dtype_state = False  # does the compiled decode step take a state in the model dtype as it is?
 
     def _keeps(self, ssm_state, dtype) -> bool:
         """Does the compiled decode step take this state as it is (float32, or the model dtype where it can)?"""
