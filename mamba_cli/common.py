@@ -128,10 +128,10 @@ def check_state_dtype(name: str) -> None:
 
 
 def set_state_dtype(model, name: str) -> None:
-    """Apply --state-dtype to a loaded model: float32 (the default) or model (its own dtype)."""
+    """Apply --state-dtype (checked by `check_state_dtype` before loading) to a loaded model: float32
+    (the default) or model (its own dtype)."""
     import torch
 
-    check_state_dtype(name)
     model.state_dtype = model.dtype if name == "model" else torch.float32
 
 

@@ -208,7 +208,7 @@ def test_failed_build_falls_back_with_one_warning():
     ((3072, 768), 8, False),     # our few-row kernel takes it (it prefetches its own weight)
     ((80, 1536), 64, False),     # x_proj: our narrow kernel
     ((2560, 5120), 64, False),   # 2.8b out_proj: 26 MB, more than a third of a 60 MiB L2 (an H200's)
-    ((4096, 2048), 8, True),     # 1.4b out_proj at batch 8: too big for ours, 16.8 MB
+    ((2048, 4096), 8, True),     # 1.4b out_proj at batch 8: too big for ours, 16.8 MB
 ])
 def test_cuda_backend_pulls_ahead_what_cublas_reads(shape, rows, pulled):
     """The CUDA backend's host-side choice (no GPU needed): a weight is pulled into L2 ahead of its
