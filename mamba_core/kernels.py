@@ -294,8 +294,10 @@ class CudaKernelOps(_KernelOps):
         return super().linear(x, weight, bias, scale)
 
     def pull_ahead(self, weight, rows):
-        """cuBLAS cannot start before the kernel ahead of it ends, and then reads its weight from
-        DRAM (130m at 64 rows: in_proj 4.8 us cold, 3.7 warm; out_proj 5.1 / 4.4): the norm pulls the
+        """cuBLAS cannot start before the kernel ahead of it ends (its nvjet kernels do not wait inside,
+        so a graph edge into them cannot be made programmatic: they then read their inputs too early),
+        and then reads its weight from DRAM (130m at 64 rows: in_proj 4.8 us cold, 3.7 warm; out_proj
+        5.1 / 4.4): the norm pulls the
         in_proj weight and the decode step the out_proj weight into L2 meanwhile, where cuBLAS takes
         the product and the weight fills at most a third of the L2 (more evicts what the chain reads:
         the 2.8b out_proj's 26 MB cost 2.4% per token at batch 64 on an H200), and where the kernel
