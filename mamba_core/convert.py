@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -170,8 +170,9 @@ def convert(
             expected = quantized
     cast = _cast_state(source_model, DTYPES[dtype], config.tie_word_embeddings, keep_fp32)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
     try:
+        tmp.mkdir(mode=0o700)  # inside the try: a Ctrl-C right after it still removes the folder
         if to == "gguf":
             from .gguf_io import write_gguf
 

@@ -168,6 +168,24 @@ def test_interrupted_conversion_leaves_no_output(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_interrupt_just_after_the_partial_folder_appears_leaves_nothing(tmp_path, monkeypatch):
+    """The race the subprocess test above can hit on a loaded machine: Ctrl-C lands the moment
+    the temporary folder exists, before any file is written into it."""
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_interrupt(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self.name.endswith(".partial"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    result = convert(HF_DIR, tmp_path / "out", "--no-verify")
+    assert result.exit_code == 130
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("src", [HF_DIR, ORIG_DIR], ids=["from-hf", "from-orig"])
 @pytest.mark.parametrize("to", ["hf", "orig", "gguf"])
 def test_every_direction_on_both_fixtures(tmp_path, src, to):
