@@ -151,8 +151,7 @@ class _KernelOps(TorchOps):
     def add_rms_norm(self, x, residual, weight, eps, residual_fp32, cast_input=True, ahead=None):
         if weight.dtype != x.dtype:
             return super().add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input)
-        normed, s = self.module.add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input, *self._ahead(ahead))
-        return normed, s
+        return tuple(self.module.add_rms_norm(x, residual, weight, eps, residual_fp32, cast_input, *self._ahead(ahead)))
 
     def _keeps(self, ssm_state, dtype) -> bool:
         """Does the compiled decode step take this state as it is (float32, or the model dtype where it can)?"""
@@ -297,11 +296,11 @@ class CudaKernelOps(_KernelOps):
         """cuBLAS cannot start before the kernel ahead of it ends (its nvjet kernels do not wait inside,
         so a graph edge into them cannot be made programmatic: they then read their inputs too early),
         and then reads its weight from DRAM (130m at 64 rows: in_proj 4.8 us cold, 3.7 warm; out_proj
-        5.1 / 4.4): the norm pulls the
-        in_proj weight and the decode step the out_proj weight into L2 meanwhile, where cuBLAS takes
-        the product and the weight fills at most a third of the L2 (more evicts what the chain reads:
-        the 2.8b out_proj's 26 MB cost 2.4% per token at batch 64 on an H200), and where the kernel
-        has blocks enough to issue it (decode.cu, ahead_of). Ours prefetch their own weights."""
+        5.1 / 4.4): the norm pulls the in_proj weight and the decode step the out_proj weight into L2
+        meanwhile, where cuBLAS takes the product and the weight fills at most a third of the L2 (more
+        evicts what the chain reads: the 2.8b out_proj's 26 MB cost 2.4% per token at batch 64 on an
+        H200), and where the kernel has blocks enough to issue it (decode.cu, ahead_of). Ours prefetch
+        their own weights."""
         if self._product(rows, weight.shape[1], weight, weight.dtype) == "cublas" and 3 * weight.nbytes <= self.l2_bytes:
             return weight
         return None
